@@ -1,0 +1,243 @@
+"""SmolLM2's tokenizer, written from scratch: byte-level BPE built from the GGUF file's vocabulary.
+
+Text becomes token ids in four steps, and each has a function here you can call on its own:
+
+1. `split_special` cuts out control tokens written in the text ("<|im_start|>"), which map to one id each.
+2. `pre_tokenize` cuts the rest into words. BPE never merges across these cuts, so "the cat" can
+   never become one token. SmolLM2 first puts every digit on its own, then applies GPT-2's split.
+3. Each word's UTF-8 bytes are spelled with `bytes_to_unicode()`, one printable character per byte,
+   which is the alphabet the vocabulary is written in ("Ġthe" is " the").
+4. `bpe` merges that spelling: repeatedly join the adjacent pair that was learned earliest (the
+   lowest merge rank) until no learned pair is left. Each resulting piece is a token.
+
+Decoding runs backwards: ids -> the bytes each token stands for -> one UTF-8 decode of all of them.
+
+Where Hugging Face differs: transformers (5.x) builds a tokenizer from this GGUF without knowing
+`tokenizer.ggml.pre = "smollm"`, so it falls back to GPT-2's split and does not split digits first.
+Because no merge in the vocabulary involves a digit, the digits themselves come out the same; what
+changes is the whitespace in front of them. GPT-2's `\\s+(?!\\S)` leaves the last whitespace character of
+a run for the next piece, whereas after the digit split the run ends at the cut and stays whole:
+"x\\n\\n1" is ["x", "\\n", "\\n", "1"] -> [104, 198, 198, 33] for HF-from-GGUF but ["x", "\\n\\n", "1"] ->
+[104, 1116, 33] here, as SmolLM2's own tokenizer.json and llama.cpp do it. tests/test_tokenizer.py
+shows that every difference is of this kind. (One more, of no practical weight: the `regex` module
+may carry newer Unicode tables than the Oniguruma inside `tokenizers`, so a letter Unicode assigned
+only lately, such as U+A7CE, counts as a letter here and not there.)
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterable
+
+import regex  # the PyPI module: unlike `re`, it knows Unicode classes such as \p{L} and \p{N}
+
+from .errors import LlmlabError
+
+CONTROL = 3        # llama.cpp's token type for tokens like <|im_start|>: never produced by BPE
+USER_DEFINED = 4   # added tokens that are not special (none in SmolLM2), also matched whole in text
+
+# GPT-2's split: contractions, words with their leading space, numbers, punctuation runs, and
+# whitespace. `\s+(?!\S)` takes a whitespace run except its last character when a word follows, so
+# that the space stays attached to the word (" the") and a word is spelled the same wherever it is.
+GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+DIGIT = regex.compile(r"(\p{N})")  # the group keeps each digit in the split's output
+
+# What llama.cpp calls each pre-tokenizer: only SmolLM2's is written here.
+PRE_TOKENIZERS = ("smollm",)
+NEVER = float("inf")  # the rank of a pair that has no merge
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each of the 256 byte values to a printable character.
+
+    BPE vocabularies are stored as text, and some bytes (space, newline, control bytes, the halves of
+    multi-byte characters) would be invisible or invalid there. Printable Latin-1 bytes keep their own
+    character; every other byte is given the next free character from 256 on, so space (32) becomes
+    'Ġ' (256 + 32) and newline (10) becomes 'Ċ'.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """SmolLM2's split of text into words: every digit alone, then GPT-2's split on what is between."""
+    words = []
+    for i, part in enumerate(DIGIT.split(text)):
+        if i % 2:        # odd parts are the digits the group captured
+            words.append(part)
+        elif part:
+            words.extend(GPT2_SPLIT.findall(part))
+    return words
+
+
+class Tokenizer:
+    """Byte-level BPE over a GGUF vocabulary: `encode` text to ids, `decode` ids to text."""
+
+    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], *, bos_id: int,
+                 eos_id: int, chat_template: str | None = None, pre: str = "smollm"):
+        if pre not in PRE_TOKENIZERS:
+            raise LlmlabError(f"unknown pre-tokenizer {pre!r}: this tokenizer implements {list(PRE_TOKENIZERS)}.")
+        self.tokens = list(tokens)
+        self.vocab_size = len(self.tokens)
+        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
+        # "Ġ t" -> ("Ġ", "t"): 0. A lower rank was learned earlier, from a more frequent pair, and wins.
+        self.merge_ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.chat_template = chat_template
+        self.pre = pre
+        self.special_ids = {i for i, t in enumerate(token_types) if t == CONTROL}
+        whole = [self.tokens[i] for i, t in enumerate(token_types) if t in (CONTROL, USER_DEFINED)]
+        # Longest first, so a token that is a prefix of another cannot win the alternation.
+        alternatives = "|".join(regex.escape(t) for t in sorted(whole, key=len, reverse=True))
+        self.special_pattern = regex.compile(f"({alternatives})") if whole else None
+        byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {c: b for b, c in byte_to_char.items()}
+        # SmolLM2's vocabulary lacks 21 of the 256 bytes: six ASCII control characters (\x04 \x06 \x13
+        # \x14 \x16 \x1d), the lead bytes 0xF1 0xF2 of U+40000..U+BFFFF (unassigned in Unicode) and 13
+        # bytes that never occur in UTF-8. Hugging Face and llama.cpp silently drop such a byte before
+        # merging, so we spell it as "" and do the same.
+        self.byte_to_char = [c if c in self.token_to_id else "" for c in map(byte_to_char.get, range(256))]
+        # Text repeats its words; remembering each word's ids makes encoding mostly dict look-ups.
+        self.word_cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise LlmlabError(f"tokenizer.ggml.model is {model!r}: llmlab only implements byte-level BPE ('gpt2').")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise LlmlabError(f"tokenizer.ggml.pre is {pre!r}: llmlab only implements the pre-tokenizer(s) "
+                              f"{list(PRE_TOKENIZERS)}, and another split would give different ids.")
+        missing = [k for k in ("tokens", "merges", "token_type", "bos_token_id", "eos_token_id")
+                   if f"tokenizer.ggml.{k}" not in meta]
+        if missing:
+            raise LlmlabError(f"the GGUF metadata lacks tokenizer.ggml.{missing[0]}, "
+                              f"so it does not describe a BPE tokenizer.")
+        return cls(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"], meta["tokenizer.ggml.token_type"],
+                   bos_id=meta["tokenizer.ggml.bos_token_id"], eos_id=meta["tokenizer.ggml.eos_token_id"],
+                   chat_template=meta.get("tokenizer.chat_template"), pre=pre)
+
+    # --- encoding ------------------------------------------------------------------------------
+
+    def bpe(self, word: str) -> list[str]:
+        """Merge a word's byte spelling into tokens: always join the adjacent pair of lowest rank.
+
+        Each pass scans the whole word, so a word of n characters can take n passes. That is nothing
+        for real words (and `encode_word` caches them) but seconds for a 10,000-letter run without a
+        space; Hugging Face keeps the candidate pairs in a priority queue to avoid it.
+        """
+        parts = list(word)
+        while len(parts) > 1:
+            ranks = [self.merge_ranks.get(pair, NEVER) for pair in zip(parts, parts[1:])]
+            best = min(ranks)
+            if best == NEVER:
+                break
+            at = ranks.index(best)
+            first, second = parts[at], parts[at + 1]
+            # Join every occurrence of the winning pair, left to right, in one pass.
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode_word(self, word: str) -> list[int]:
+        """The ids of one pre-tokenized word."""
+        ids = self.word_cache.get(word)
+        if ids is None:
+            spelled = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
+            ids = [self.token_to_id[piece] for piece in self.bpe(spelled)]
+            if len(self.word_cache) > 200_000:   # bound the memory a long, varied text can take
+                self.word_cache.clear()
+            self.word_cache[word] = ids
+        return ids
+
+    def split_special(self, text: str) -> list[str]:
+        """Text cut around control tokens: odd-numbered parts are control tokens, even ones plain text."""
+        return self.special_pattern.split(text) if self.special_pattern else [text]
+
+    def encode(self, text: str, *, parse_special: bool = True) -> list[int]:
+        """Token ids for `text`. Adds no BOS: SmolLM2's file says add_bos_token = False.
+
+        Bytes the vocabulary has no token for are dropped (see `byte_to_char`), so decode(encode(s)) == s
+        for every string except those holding such a byte.
+
+        With parse_special, "<|im_start|>" written in the text becomes its one id, as a chat template
+        needs. Without it, it is spelled out as ordinary text ("<", "|", "im", ...), which is what you
+        want for text from users, so they cannot forge the structure of a conversation.
+        """
+        parts = self.split_special(text) if parse_special else [text]
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.token_to_id[part])
+            else:
+                for word in pre_tokenize(part):
+                    ids.extend(self.encode_word(word))
+        return ids
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def token_bytes(self, id: int) -> bytes:
+        """The raw bytes a token stands for. May be part of a UTF-8 character, so not always text."""
+        if not 0 <= id < self.vocab_size:   # a negative id would otherwise index from the end
+            raise LlmlabError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1}).")
+        token = self.tokens[id]
+        try:
+            return bytes(self.char_to_byte[c] for c in token)
+        except KeyError:   # outside the byte alphabet (control tokens are plain ASCII, so never here)
+            return token.encode("utf-8")
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """Text for token ids. Never raises.
+
+        The bytes of all tokens are joined and then decoded once, because one character may be split
+        over several tokens. Bytes that are not valid UTF-8 (a sequence cut short, as when sampling
+        stops mid-character) become U+FFFD, as Hugging Face does. Ids outside the vocabulary are
+        skipped: Hugging Face does the same for ids from vocab_size up to 2**32, and raises
+        OverflowError for negative ones or larger ones.
+        """
+        data = b"".join(self.token_bytes(i) for i in ids
+                        if 0 <= i < self.vocab_size and not (skip_special and i in self.special_ids))
+        return data.decode("utf-8", errors="replace")
+
+    # --- chat ----------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model was trained to read it, rendered by the file's Jinja template."""
+        if not self.chat_template:
+            raise LlmlabError("this tokenizer has no chat template (the GGUF has no tokenizer.chat_template).")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokens[self.bos_id], eos_token=self.tokens[self.eos_id])
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of the rendered conversation, its control tokens as single ids."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), parse_special=True)
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # templates call this to reject a conversation they cannot render
+        raise LlmlabError(f"the chat template rejected the conversation: {message}")
+
+    # The template comes from a downloaded file, so it runs sandboxed. trim_blocks and lstrip_blocks
+    # are the settings Hugging Face renders with; without them {% %} lines leave stray newlines.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
