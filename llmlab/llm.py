@@ -101,7 +101,8 @@ class LLM:
         return self.model.embed.weight.dtype
 
     def __repr__(self) -> str:
-        return f"LLM({self.source}, {self.config.n_params() / 1e6:.0f}M params, {self.dtype}, {self.device})"
+        name = Path(self.source).name if not self.source.startswith("preset:") else self.source
+        return f"LLM({name}, {self.config.n_params() / 1e6:.0f}M params, {self.dtype}, {self.device})"
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
