@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .errors import LlmlabError
 
@@ -152,20 +152,39 @@ def _open_reader(path: Path) -> GGUFReader:
             f"Is this the right file?"
         )
     try:
-        reader = GGUFReader(path)
+        return _CheckedReader(path)
+    except _TensorPastEnd as e:
+        raise LlmlabError(
+            f"{path}: tensor {e.name!r} runs past the end of the file (needs bytes up to {e.end:,}, "
+            f"the file has {size:,}). The file is truncated or corrupt: download it again."
+        ) from None
     except Exception as e:  # the library fails in many ways on a damaged header; say what it means
         raise LlmlabError(
             f"{path}: the GGUF header is damaged or the file is truncated ({type(e).__name__}: {e}). "
             f"Download the file again."
         ) from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise LlmlabError(
-                f"{path}: tensor {t.name!r} runs past the end of the file (needs bytes up to {end:,}, "
-                f"the file has {size:,}). The file is truncated or corrupt: download it again."
-            )
-    return reader
+
+
+class _TensorPastEnd(Exception):
+    def __init__(self, name: str, end: int):
+        self.name, self.end = name, end
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks every tensor lies inside the file before mapping it.
+
+    The library would otherwise fail with a reshape error deep inside NumPy, which says nothing
+    about the file being truncated.
+    """
+
+    def _build_tensors(self, start_offs, fields):
+        for field in fields:
+            _, name, _, dims, raw_dtype, offset = field.parts
+            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+            end = int(start_offs) + int(offset[0]) + int(np.prod(dims)) * type_size // block_size
+            if end > len(self.data):
+                raise _TensorPastEnd(bytes(name).decode("utf-8", errors="replace"), end)
+        super()._build_tensors(start_offs, fields)
 
 
 def _field_value(field) -> Any:
