@@ -1,0 +1,280 @@
+"""`llmlab ...`: generate, chat, info and bench from the command line.
+
+    llmlab generate "The capital of France is" --max-new-tokens 16
+    llmlab generate "Write a haiku about tea" --chat --temperature 0.7 --seed 1
+    llmlab chat
+    llmlab info --model preset:llama-3.2-1b
+    llmlab bench --dtype bf16 --compare hf --json bench.json
+
+Bad input (a missing model, an impossible setting) prints one `error: ...` line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .config import ModelConfig, config_from_gguf_metadata, config_from_hf, preset
+from .errors import LlmlabError
+
+DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# --- generate and chat -------------------------------------------------------------------------
+
+def sampling_kwargs(args) -> dict:
+    """The sampling flags that were given, checked now, before minutes go into loading a model."""
+    from .sampling import SamplingParams
+
+    names = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"]
+    kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    SamplingParams(**kwargs)
+    return kwargs
+
+
+def max_new_tokens(args, default: int) -> int:
+    n = default if args.max_new_tokens is None else args.max_new_tokens
+    if n < 1:
+        raise LlmlabError(f"--max-new-tokens must be at least 1, got {n}")
+    return n
+
+
+def load_model(args):
+    from .llm import load, parse_device
+
+    parse_device(args.device)   # fail fast on `--device cuda` without a GPU
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt:
+        raise LlmlabError("the prompt is empty: give some text, e.g. llmlab generate \"Once upon a time\"")
+    max_new = max_new_tokens(args, 256 if args.chat else 64)
+    sampling = sampling_kwargs(args)
+    llm = load_model(args)
+    if args.chat:
+        pieces = llm.stream_chat([{"role": "user", "content": args.prompt}], max_new, **sampling)
+    else:
+        pieces = llm.stream(args.prompt, max_new, **sampling)
+    for piece in pieces:
+        write(piece)
+    write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    max_new = max_new_tokens(args, 256)
+    sampling = sampling_kwargs(args)
+    llm = load_model(args)
+    print(f"Chatting with {llm.source}. /reset forgets the conversation; /exit or Ctrl-D quits; "
+          f"Ctrl-C stops a reply.", file=sys.stderr, flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in llm.stream_chat(history, max_new, **sampling):
+                write(piece)
+                reply.append(piece)
+        except KeyboardInterrupt:
+            pass                      # keep what was said so far, and go on with the conversation
+        except LlmlabError as e:      # e.g. the conversation no longer fits the context
+            history.pop()
+            print(f"error: {e} (type /reset to start a new conversation)", file=sys.stderr, flush=True)
+            continue
+        write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# --- info --------------------------------------------------------------------------------------
+
+def describe(source: str | None) -> dict:
+    """What `info` prints, read from metadata and the tensor directory: no weights are loaded."""
+    from .llm import bundled_model_path
+
+    if source is not None and str(source).startswith("preset:"):
+        config = preset(str(source).removeprefix("preset:"))
+        return {"source": str(source), "name": f"random weights of the {source[7:]} shape", "config": config,
+                "n_params": config.n_params(), "file_bytes": None, "tensor_types": None}
+    path = Path(source) if source is not None else bundled_model_path()
+    if not path.exists():
+        raise LlmlabError(f"{path}: no such file or folder. Give a .gguf file, a Hugging Face model folder, "
+                          f"'preset:NAME', or nothing for the bundled SmolLM2")
+    if path.is_dir():
+        return _describe_hf_folder(path)
+    from .gguf import GGUFFile
+
+    file = GGUFFile(path)
+    config = config_from_gguf_metadata(file.metadata)
+    if "output.weight" in file.tensors:
+        config = ModelConfig(**{**config.__dict__, "tie_embeddings": False})
+    n_params = sum(_prod(t.shape) for t in file.tensors.values())
+    return {"source": str(path), "name": file.metadata.get("general.name", path.stem), "config": config,
+            "n_params": n_params, "file_bytes": file.file_size,
+            "tensor_types": Counter(t.type_name for t in file.tensors.values())}
+
+
+def _describe_hf_folder(path: Path) -> dict:
+    from safetensors import safe_open
+
+    config_file = path / "config.json"
+    weights = sorted(path.glob("*.safetensors"))
+    if not config_file.is_file() or not weights:
+        raise LlmlabError(f"{path}: a Hugging Face model folder needs config.json and *.safetensors")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    types, n_params = Counter(), 0
+    for file in weights:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                types[tensor.get_dtype()] += 1
+                n_params += _prod(tensor.get_shape())
+    return {"source": str(path), "name": path.name, "config": config, "n_params": n_params,
+            "file_bytes": sum(f.stat().st_size for f in weights), "tensor_types": types}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes:>15,} B  ({n_bytes / 2**20:,.1f} MiB)"
+
+
+def cmd_info(args) -> int:
+    d = describe(args.model)
+    config: ModelConfig = d["config"]
+    fields = {**config.__dict__, "head_dim": config.head_dim}
+    width = max(map(len, fields))
+    lines = [f"model: {d['source']}", f"name: {d['name']}", "config:"]
+    lines += [f"  {k:<{width}}  {v:g}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+              for k, v in fields.items()]   # :g shows the file's float32 1e-5 as 1e-05, not 9.99999974e-06
+    lines.append(f"parameters: {d['n_params']:,} ({d['n_params'] / 1e6:.1f} M)")
+    if d["file_bytes"] is not None:
+        lines.append(f"file size: {d['file_bytes']:,} B ({d['file_bytes'] / 2**20:,.1f} MiB)")
+    if d["tensor_types"]:
+        counts = ", ".join(f"{t}: {n}" for t, n in d["tensor_types"].most_common())
+        lines.append(f"tensor types: {counts} ({sum(d['tensor_types'].values())} tensors)")
+    lines.append("weights in memory:")
+    for dtype, size in BYTES_PER_VALUE.items():
+        lines.append(f"  {dtype:<5} {_size(d['n_params'] * size)}")
+    if d["file_bytes"] is not None:
+        lines.append(f"  {'file':<5} {_size(d['file_bytes'])}   as stored, with its metadata")
+    kv = {dtype: config.kv_cache_bytes(1, bytes_per_value=size) for dtype, size in BYTES_PER_VALUE.items()}
+    lines.append("KV cache per token: " + ", ".join(f"{dtype} {n:,} B" for dtype, n in kv.items()))
+    lines.append(f"KV cache at the full context ({config.max_seq_len:,} tokens): "
+                 + ", ".join(f"{dtype} {n * config.max_seq_len / 2**20:,.1f} MiB" for dtype, n in kv.items()))
+    print("\n".join(lines))
+    return 0
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    settings = bench.BenchSettings(args.prompt_tokens, args.new_tokens, args.runs, args.warmup)
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir():
+            raise LlmlabError(f"--json {args.json}: the folder {folder} does not exist")
+    report = bench.run(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+                       compare=args.compare, settings=settings, tokenizer=args.tokenizer,
+                       progress=bench._stderr_progress)
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="a .gguf file, a Hugging Face folder, or preset:NAME "
+                                       "(default: the bundled SmolLM2-135M-Instruct)")
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="weight and activation dtype")
+    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-new-tokens", type=int, help="default 64 for generate, 256 for chat")
+    sampling.add_argument("--temperature", type=float, help="0 (the default) is greedy")
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--min-p", type=float)
+    sampling.add_argument("--repetition-penalty", type=float)
+    sampling.add_argument("--seed", type=int)
+
+    parser = argparse.ArgumentParser(prog="llmlab", description="A small, tested LLM inference engine.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("generate", parents=[model, sampling], help="continue a prompt, streaming the text")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--chat", action="store_true", help="send PROMPT as one user message through the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("chat", parents=[model, sampling], help="talk with the model, turn by turn")
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("info", help="the model's shape, size and memory, without loading its weights")
+    p.add_argument("--model", help="a .gguf file, a Hugging Face folder, or preset:NAME (default: bundled SmolLM2)")
+    p.set_defaults(func=cmd_info)
+
+    p = commands.add_parser("bench", parents=[model], help="prefill and decode speed, optionally against Hugging Face")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed runs")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for every engine (default 2 on CPU)")
+    p.add_argument("--compare", choices=["hf"], help="also measure Hugging Face transformers, taking turns")
+    p.add_argument("--tokenizer", action="store_true", help="also time encoding 1 MB of Shakespeare, llmlab vs HF")
+    p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LlmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:            # `llmlab generate ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

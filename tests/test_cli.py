@@ -1,0 +1,107 @@
+"""`llmlab ...` run as a user runs it: a subprocess, its stdout, stderr and exit code.
+
+Each call that generates loads the model (a few seconds), so there are few of them.
+"""
+
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from llmlab.config import preset
+
+
+def llmlab_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmlab.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_generate_greedy_matches_the_python_api(llm):
+    prompt = "The capital of France is"
+    result = llmlab_cli("generate", prompt, "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == llm.generate(prompt, max_new_tokens=12) + "\n"
+
+
+def test_generate_chat_wraps_the_prompt_as_one_user_message(llm):
+    prompt = "What is the capital of France?"
+    result = llmlab_cli("generate", prompt, "--chat", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == llm.chat([{"role": "user", "content": prompt}], max_new_tokens=16) + "\n"
+
+
+def test_info_reports_what_the_file_holds(gguf_path):
+    reader = GGUFReader(gguf_path)     # counted independently of llmlab's GGUF reader
+    n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    assert types == {"Q4_1": 210, "Q8_0": 1, "F32": 61}   # as TOOLCHAIN.md describes the file
+
+    result = llmlab_cli("info")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"parameters: {n_params:,}" in out
+    for name, count in types.items():
+        assert f"{name}: {count}" in out
+    assert f"file size: {gguf_path.stat().st_size:,} B" in out
+    for field in ("vocab_size", "n_layers", "n_kv_heads", "ffn_dim", "rope_theta", "head_dim"):
+        assert field in out
+    assert re.search(rf"fp32 +{n_params * 4:,} B", out)      # 4 bytes a parameter
+    assert re.search(rf"bf16 +{n_params * 2:,} B", out)
+    assert "KV cache per token: fp32 46,080 B, bf16 23,040 B" in out  # 2 * 30 layers * 3 heads * 64 * bytes
+
+
+def test_info_of_a_preset_needs_no_file():
+    result = llmlab_cli("info", "--model", "preset:llama-3.2-1b")
+    assert result.returncode == 0, result.stderr
+    assert f"parameters: {preset('llama-3.2-1b').n_params():,}" in result.stdout
+    assert "tensor types" not in result.stdout
+
+
+def test_chat_answers_each_line_and_keeps_the_history(llm):
+    questions = ["What is the capital of France?", "And of Germany?"]
+    result = llmlab_cli("chat", "--max-new-tokens", "16", stdin="\n".join(questions) + "\n")
+    assert result.returncode == 0, result.stderr
+    history, expected = [], ""
+    for q in questions:
+        history.append({"role": "user", "content": q})
+        reply = llm.chat(history, max_new_tokens=16)
+        history.append({"role": "assistant", "content": reply})
+        expected += "> " + reply + "\n"
+    assert result.stdout == expected + "> \n"     # the last prompt, then the newline printed at EOF
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_reset_forgets_and_exit_stops(llm):
+    stdin = "Name a colour.\n/reset\nName a colour.\n/exit\nThis line is never read.\n"
+    result = llmlab_cli("chat", "--max-new-tokens", "8", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    reply = llm.chat([{"role": "user", "content": "Name a colour."}], max_new_tokens=8)
+    assert result.stdout == f"> {reply}\n> (conversation cleared)\n> {reply}\n> "
+
+
+BAD_INPUTS = [
+    (["generate", "hi", "--model", "preset:no-such-model"], "unknown preset"),
+    (["generate", "hi", "--model", "/no/such/model.gguf"], "no such file"),
+    (["generate", ""], "prompt is empty"),
+    (["generate", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "hi", "--dtype", "fp8"], "invalid choice"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["info", "--model", "/no/such/model.gguf"], "no such file"),
+    (["bench", "--runs", "0"], "runs"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["generate", "hi", "--device", "cuda"], "no CUDA GPU"))
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_clear_error(args, message):
+    result = llmlab_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr and message in result.stderr
+    assert result.stdout == ""
