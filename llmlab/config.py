@@ -85,22 +85,31 @@ def config_from_gguf_metadata(meta: dict) -> ModelConfig:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    if cfg.get("model_type") not in ("llama", None) or cfg.get("rope_scaling"):
-        # rope_scaling (Llama 3.1+) changes RoPE frequencies; refuse rather than answer wrongly.
-        raise LlmlabError(
-            f"config.json describes model_type={cfg.get('model_type')!r} rope_scaling={cfg.get('rope_scaling')!r}; "
-            f"llmlab runs plain Llama-architecture models without RoPE scaling"
-        )
+    """Read a Hugging Face config.json (transformers 4.x writes rope_theta / rope_scaling at the top
+    level, 5.x a rope_parameters dict); refuse what this engine would run wrongly."""
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
     n_heads = cfg["num_attention_heads"]
+    unsupported = {
+        "model_type": cfg.get("model_type") not in ("llama", None),
+        "rope_type": rope_type != "default",           # Llama 3.1+ scaling changes RoPE frequencies
+        "attention_bias": bool(cfg.get("attention_bias")),
+        "mlp_bias": bool(cfg.get("mlp_bias")),
+        "head_dim": cfg.get("head_dim", cfg["hidden_size"] // n_heads) != cfg["hidden_size"] // n_heads,
+    }
+    wrong = [f"{key}={cfg.get(key, rope_type)!r}" for key, bad in unsupported.items() if bad]
+    if wrong:
+        raise LlmlabError(f"config.json has {', '.join(wrong)}: llmlab runs plain Llama-architecture models "
+                          f"(no biases, no RoPE scaling, head_dim = hidden_size / num_attention_heads)")
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         ffn_dim=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=cfg.get("rope_theta", 10000.0),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
