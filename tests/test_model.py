@@ -129,13 +129,15 @@ def test_preset_runs_and_counts_parameters():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_cuda_matches_cpu_on_a_preset(dtype):
     cpu = llmlab.load("preset:smollm2-135m", dtype="fp32", seed=1)
     gpu = llmlab.load("preset:smollm2-135m", dtype=dtype, device="cuda", seed=1)
     gpu.model.load_state_dict(cpu.model.state_dict())     # the same random weights on both devices
     ids = list(range(100, 400))
     ref, got = cpu.logits(ids), gpu.logits(ids).cpu()
-    assert torch.allclose(got, ref, atol={"fp32": 1e-3, "bf16": 0.2}[dtype])
+    # random N(0, 0.02) weights give logits of size ~0.5: fp32 differs only by summation order
+    # (TF32 is off by default for matmuls); bf16 / fp16 by their rounding over 30 layers
+    assert (got - ref).abs().max() <= {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.02}[dtype]
     if dtype == "fp32":
         assert list(cpu.generate_ids(ids, 32, stop_ids=set())) == list(gpu.generate_ids(ids, 32, stop_ids=set()))
