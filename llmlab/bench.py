@@ -390,7 +390,9 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
                     f"than fewer (each op waits for its slowest thread)" if torch.get_num_threads() > 1 else ""))
 
     progress(f"loading {source} in {dtype} on {dev} (llmlab)")
+    start = time.perf_counter()
     llm = load(source, dtype=dtype, device=str(dev))
+    load_seconds = {"llmlab": time.perf_counter() - start}
     settings.check(llm.config)
     if llm.tokenizer is not None:
         ids = prompt_ids(llm.tokenizer, settings.prompt_tokens)
@@ -403,7 +405,9 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     engines = [LlmlabEngine(llm)]
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
+        start = time.perf_counter()
         engines.append(HFEngine(load_hf_model(source, llm.config, torch_dtype, dev), dev))
+        load_seconds["hf"] = time.perf_counter() - start
 
     report = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -416,6 +420,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "batch": 1,
         "settings": settings.__dict__,
         "method": method_text(settings, [e.name for e in engines], dev, prompt),
+        "load_seconds": load_seconds,   # file to a ready model, once, before any run (first in the process)
         "results": measure(engines, ids, settings, progress),
     }
     # the 1-minute load average, to tell a quiet machine's numbers from a shared one's
@@ -438,6 +443,7 @@ def format_table(report: dict) -> str:
         f"model   {report['model']}",
         f"device  {report['device']}, {report['threads']} threads, {report['dtype']}, batch 1",
         f"runs    median of {s['runs']} after {s['warmup']} warm-up",
+        "loaded  " + ", ".join(f"{name} in {sec:.1f} s" for name, sec in report["load_seconds"].items()),
     ]
     load = report.get("load_average", {})
     if load.get("before") is not None:
