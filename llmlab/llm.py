@@ -136,6 +136,10 @@ class LLM:
         """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed."""
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise LlmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
+        if unknown:
+            raise LlmlabError(f"unknown option(s) {sorted(unknown)}; sampling takes "
+                              f"{', '.join(SamplingParams.__dataclass_fields__)}")
         params = SamplingParams(**sampling)
         ids = self._check_ids(prompt_ids, max_new_tokens)
         if stop_ids is None:

@@ -91,6 +91,8 @@ def test_bad_sampling_and_bad_ids(llm):
         llm.logits([1, 49152])
     with raises("non-empty list"):
         llm.chat([{"content": "no role"}])
+    with raises(r"unknown option\(s\) \['top_K'\]; sampling takes temperature, top_k"):
+        llm.generate("Hello", top_K=5)
 
 
 def test_corrupt_gguf_through_load(tmp_path):
