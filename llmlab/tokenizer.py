@@ -1,4 +1,5 @@
-"""SmolLM2's tokenizer, written from scratch: byte-level BPE built from the GGUF file's vocabulary.
+"""SmolLM2's tokenizer, written from scratch: byte-level BPE built from the GGUF file's vocabulary,
+and `train_bpe`, which learns such a vocabulary from text.
 
 Text becomes token ids in four steps, and each has a function here you can call on its own:
 
@@ -11,6 +12,9 @@ Text becomes token ids in four steps, and each has a function here you can call 
    lowest merge rank) until no learned pair is left. Each resulting piece is a token.
 
 Decoding runs backwards: ids -> the bytes each token stands for -> one UTF-8 decode of all of them.
+
+Training (`train_bpe`) learns the merges of step 4: start from the 256 bytes and repeatedly make the
+most frequent adjacent pair of symbols a new token. Its result gives a `Tokenizer` with `.tokenizer()`.
 
 Where Hugging Face differs: transformers (5.x) builds a tokenizer from this GGUF without knowing
 `tokenizer.ggml.pre = "smollm"`, so it falls back to GPT-2's split and does not split digits first.
@@ -26,6 +30,9 @@ only lately, such as U+A7CE, counts as a letter here and not there.)
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
@@ -33,6 +40,7 @@ import regex  # the PyPI module: unlike `re`, it knows Unicode classes such as \
 
 from .errors import LlmlabError
 
+NORMAL = 1         # llama.cpp's token type for an ordinary vocabulary entry
 CONTROL = 3        # llama.cpp's token type for tokens like <|im_start|>: never produced by BPE
 USER_DEFINED = 4   # added tokens that are not special (none in SmolLM2), also matched whole in text
 
@@ -79,8 +87,8 @@ def pre_tokenize(text: str) -> list[str]:
 class Tokenizer:
     """Byte-level BPE over a GGUF vocabulary: `encode` text to ids, `decode` ids to text."""
 
-    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], *, bos_id: int,
-                 eos_id: int, chat_template: str | None = None, pre: str = "smollm"):
+    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int], *, bos_id: int | None,
+                 eos_id: int | None, chat_template: str | None = None, pre: str = "smollm"):
         if pre not in PRE_TOKENIZERS:
             raise LlmlabError(f"unknown pre-tokenizer {pre!r}: this tokenizer implements {list(PRE_TOKENIZERS)}.")
         self.tokens = list(tokens)
@@ -241,3 +249,147 @@ def _compile_template(source: str):
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(source)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def byte_tokens() -> list[str]:
+    """The 256 one-byte tokens in the order they get ids: sorted by their printable spelling.
+
+    This is GPT-2's and SmolLM2's order ("!" first, "Ā" = byte 0 at 188) and the one Hugging Face's
+    trainer uses; it matters because ties between equally frequent pairs are broken by id.
+    """
+    return sorted(bytes_to_unicode().values())
+
+
+def vocabulary(merges: list[str]) -> list[str]:
+    """The tokens a list of merges makes: the 256 bytes, then each merge's result the first time it appears.
+
+    Two different merges can spell the same token ("a bc" and "ab c"); it gets one id, as in Hugging Face.
+    """
+    tokens = byte_tokens()
+    seen = set(tokens)
+    for merge in merges:
+        token = merge.replace(" ", "", 1)
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+    return tokens
+
+
+@dataclass
+class TrainedBPE:
+    """What `train_bpe` learned: merges in the order learned (rank 0 first), spelled "Ġ t" as in
+    GGUF and tokenizer.json files, and how many times each merged pair occurred when it was chosen."""
+
+    merges: list[str]
+    counts: list[int]
+
+    @property
+    def tokens(self) -> list[str]:
+        return vocabulary(self.merges)
+
+    def tokenizer(self, vocab_size: int | None = None) -> Tokenizer:
+        """A `Tokenizer` for the merges learned first, up to a vocabulary of `vocab_size` (all by default).
+
+        Training is greedy, so these are exactly the merges that training with that vocab_size learns.
+        """
+        merges, tokens = self.merges, self.tokens
+        if vocab_size is not None and vocab_size < len(tokens):
+            tokens = tokens[:max(vocab_size, 256)]
+            # Training to vocab_size stops right after the merge that made the last token kept.
+            results = [m.replace(" ", "", 1) for m in merges]
+            merges = merges[:results.index(tokens[-1]) + 1] if len(tokens) > 256 else []
+        return Tokenizer(tokens, merges, [NORMAL] * len(tokens), bos_id=None, eos_id=None)
+
+
+def merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
+    """`word` with every occurrence of the pair (a, b) replaced by `new`, scanning left to right
+    (so "aaa" becomes "aa a", as when encoding)."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train_bpe(text: str, vocab_size: int) -> TrainedBPE:
+    """Learn byte-level BPE merges from `text` until the vocabulary has `vocab_size` tokens.
+
+    Each step merges the pair of adjacent symbols that occurs most often, counted over all words
+    (`pre_tokenize`, so no merge crosses a word boundary), overlapping pairs included ("aaa" holds
+    "a a" twice). Ties go to the pair with the smaller ids (first token, then second), where the bytes
+    are numbered as in `byte_tokens` and each new token takes the next id. That is Hugging Face's
+    BpeTrainer rule, so with the same pre-tokenizer both learn the same merges. Training stops early
+    when no pair is left.
+
+    Speed: the text is reduced to its distinct words with their counts, and after each merge only the
+    words that contain the merged pair are rewritten, adjusting the pair counts by what changed. The
+    most frequent pair comes from a heap whose stale entries are fixed when they reach the top.
+    """
+    tokens = byte_tokens()
+    token_to_id = {t: i for i, t in enumerate(tokens)}
+    byte_to_id = [token_to_id[bytes_to_unicode()[b]] for b in range(256)]
+    word_counts = Counter(pre_tokenize(text))
+    words = [[byte_to_id[b] for b in word.encode("utf-8")] for word in word_counts]
+    freqs = list(word_counts.values())
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    words_with = defaultdict(set)   # pair -> indices of words that contain (or once contained) it
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[i]
+            words_with[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges, counts = [], []
+    while len(tokens) < vocab_size:
+        best = _pop_most_frequent(heap, pair_counts)
+        if best is None:
+            break
+        (a, b), count = best
+        merged = tokens[a] + tokens[b]
+        new = token_to_id.setdefault(merged, len(tokens))
+        if new == len(tokens):
+            tokens.append(merged)
+        merges.append(f"{tokens[a]} {tokens[b]}")
+        counts.append(count)
+        born = set()   # pairs holding the new token: the only ones whose count can grow
+        for i in words_with.pop((a, b)):
+            word = words[i]
+            rewritten = merge_pair(word, a, b, new)
+            if len(rewritten) == len(word):   # the pair left this word in an earlier merge
+                continue
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] -= freqs[i]
+            for pair in zip(rewritten, rewritten[1:]):
+                pair_counts[pair] += freqs[i]
+                if new in pair:
+                    words_with[pair].add(i)
+                    born.add(pair)
+            words[i] = rewritten
+        del pair_counts[(a, b)]
+        for pair in born:
+            heapq.heappush(heap, (-pair_counts[pair], pair))
+    return TrainedBPE(merges, counts)
+
+
+def _pop_most_frequent(heap: list, pair_counts: dict) -> tuple[tuple[int, int], int] | None:
+    """The pair with the highest count (ties: smallest ids) and its count, or None when none is left.
+
+    Entries are (-count, pair) as pushed; a pair's count only falls after its entry was pushed (a rise
+    pushes a fresh entry), so an entry whose count is too high is pushed back with the true count.
+    """
+    while heap:
+        negative, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count == -negative and count > 0:
+            return pair, count
+        if 0 < count < -negative:
+            heapq.heappush(heap, (-count, pair))
+    return None
