@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, make_cache
 from .model import Transformer
 from .sampling import SamplingParams, make_generator, sample
 
@@ -36,14 +36,18 @@ def decode_one_token(model: Transformer, token: torch.Tensor, pos: int, cache: K
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),
-                    use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one at a time, stopping after a stop id or max_new_tokens."""
+                    use_cache: bool = True, kv_cache: str = "static") -> Iterator[int]:
+    """Yield new token ids one at a time, stopping after a stop id or max_new_tokens.
+
+    kv_cache picks the cache layout (see llmlab.kv_cache.make_cache); use_cache=False recomputes
+    the whole sequence at every step instead.
+    """
     device = model.embed.weight.device
     stop_ids = set(stop_ids)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, seq), grows if no cache
     generator = make_generator(params.seed, device)
     if use_cache:
-        cache = KVCache(model.config, len(prompt_ids) + max_new_tokens, dtype=model.embed.weight.dtype, device=device)
+        cache = make_cache(kv_cache, model.config, len(prompt_ids) + max_new_tokens, model.embed.weight.dtype, device)
         logits = prefill(model, tokens, cache)
     else:
         logits = model(tokens, last_only=True)[:, -1]

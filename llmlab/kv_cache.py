@@ -1,33 +1,174 @@
 """The key/value cache: every layer's keys and values for the tokens seen so far.
 
 Without it each new token recomputes K and V for the whole sequence (O(n^2) work in total); with it
-a decode step computes K and V for one token and reads the rest from here. The buffers are
-preallocated once at their final size, so no step allocates and every shape is known in advance.
+a decode step computes K and V for one token and reads the rest from here.
+
+Every cache has one method the model calls, `update(layer, start_pos, k, v)`: store the new keys and
+values at positions start_pos.., and return the keys and values of all positions so far. Three
+layouts sit behind it:
+
+KVCache           one contiguous preallocated buffer per sequence (optionally stored in bf16/fp16)
+QuantizedKVCache  the same, stored as int8 with one scale per (head, token)
+PagedKVCache      fixed-size blocks from a shared BlockPool, found through a block table
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import ModelConfig
+from .errors import LlmlabError
 
 
 class KVCache:
+    """Contiguous buffers of shape (layers, batch, kv_heads, max_seq_len, head_dim), allocated once.
+
+    `dtype` is how the cache stores values; reads come back in the dtype of the keys written (the
+    model's), so a bf16 cache under an fp32 model halves the memory and rounds each stored value.
+    """
+
     def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         shape = (config.n_layers, batch, config.n_kv_heads, max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (layers, batch, kv_heads, seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (batch, kv_heads, new, head_dim) at start_pos; return the keys and values of
-        positions 0 .. start_pos+new-1 as views into the buffers (no copy)."""
+        positions 0 .. start_pos+new-1. In the model's dtype these are views (no copy)."""
         end = start_pos + k.shape[2]
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 over the last dimension: x ≈ scale * q, scale = max|x| / 127, q in [-127, 127]."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    q = torch.round(x.float() / scale.clamp(min=1e-12)).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class QuantizedKVCache:
+    """int8 keys and values with one fp32 scale per (layer, batch, head, token): a quarter of fp32's
+    bytes plus 4 bytes per head_dim values. Each stored vector is off by at most scale / 2 per element."""
+
+    def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
+                 device: str | torch.device = "cpu"):
+        shape = (config.n_layers, batch, config.n_kv_heads, max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+        self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+        self.max_seq_len = max_seq_len
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = start_pos + k.shape[2]
+        self.k[layer, :, :, start_pos:end], self.k_scale[layer, :, :, start_pos:end] = quantize_int8(k)
+        self.v[layer, :, :, start_pos:end], self.v_scale[layer, :, :, start_pos:end] = quantize_int8(v)
+        keys = self.k[layer, :, :, :end] * self.k_scale[layer, :, :, :end]        # dequantize what is read
+        values = self.v[layer, :, :, :end] * self.v_scale[layer, :, :, :end]
+        return keys.to(k.dtype), values.to(v.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+class BlockPool:
+    """Physical KV memory as fixed-size blocks of `block_size` tokens, shared by many sequences.
+
+    Shape (layers, n_blocks, kv_heads, block_size, head_dim). A sequence takes a block only when it
+    fills the previous one, so at most block_size - 1 slots per sequence are ever unused, where a
+    contiguous cache reserves max_seq_len slots for every sequence up front.
+    """
+
+    def __init__(self, config: ModelConfig, n_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.free_blocks = list(range(n_blocks - 1, -1, -1))   # a stack: pop() hands out block 0 first
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def allocate(self) -> int:
+        if not self.free_blocks:
+            raise LlmlabError(
+                f"the KV block pool is full: all {self.n_blocks} blocks of {self.block_size} tokens are in use. "
+                f"Free finished sequences, or make the pool larger"
+            )
+        return self.free_blocks.pop()
+
+    def release(self, blocks: list[int]) -> None:
+        self.free_blocks.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    """One sequence's cache inside a BlockPool: its block table maps logical block i (tokens
+    i*block_size ..) to a physical block of the pool. Appending writes into the last block or takes a
+    new one; nothing already stored moves."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block_table: list[int] = []
+        self.length = 0
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make sure blocks exist for positions 0 .. n_tokens-1."""
+        while len(self.block_table) * self.pool.block_size < n_tokens:
+            self.block_table.append(self.pool.allocate())
+        self.length = max(self.length, n_tokens)
+
+    def release(self) -> None:
+        self.pool.release(self.block_table)
+        self.block_table, self.length = [], 0
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (1, kv_heads, new, head_dim) -- one sequence
+        end = start_pos + k.shape[2]
+        self.reserve(end)
+        bs = self.pool.block_size
+        positions = torch.arange(start_pos, end, device=k.device)
+        table = torch.tensor(self.block_table, device=k.device)
+        blocks, offsets = table[positions // bs], positions % bs
+        # pool[layer] is (n_blocks, kv_heads, block_size, head_dim); index (block, :, offset) per new token
+        self.pool.k[layer, blocks, :, offsets] = k[0].transpose(0, 1).to(self.pool.k.dtype)
+        self.pool.v[layer, blocks, :, offsets] = v[0].transpose(0, 1).to(self.pool.v.dtype)
+        used = table[: math.ceil(end / bs)]
+        # gather this sequence's blocks into one (1, kv_heads, end, head_dim) tensor for attention
+        keys = self.pool.k[layer, used].transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[3])[:, :, :end]
+        values = self.pool.v[layer, used].transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[3])[:, :, :end]
+        return keys.to(k.dtype), values.to(v.dtype)
+
+
+KV_CACHES = ("static", "paged", "int8", "bf16", "fp16")
+
+
+def make_cache(kind: str, config: ModelConfig, max_seq_len: int, dtype: torch.dtype,
+               device: str | torch.device, block_size: int = 16):
+    """The engine's KV-cache switch, for one sequence of up to max_seq_len tokens."""
+    if kind == "static":
+        return KVCache(config, max_seq_len, dtype=dtype, device=device)
+    if kind in ("bf16", "fp16"):
+        return KVCache(config, max_seq_len, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[kind], device=device)
+    if kind == "int8":
+        return QuantizedKVCache(config, max_seq_len, device=device)
+    if kind == "paged":
+        pool = BlockPool(config, math.ceil(max_seq_len / block_size), block_size, dtype=dtype, device=device)
+        return PagedKVCache(pool)
+    raise LlmlabError(f"unknown KV cache {kind!r}; choose one of: {', '.join(KV_CACHES)}")

@@ -14,6 +14,7 @@ from . import gguf, hf
 from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
+from .kv_cache import KV_CACHES
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -132,8 +133,11 @@ class LLM:
         return ids
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, use_cache: bool = True,
-                     stop_ids=None, **sampling) -> Iterator[int]:
-        """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed."""
+                     stop_ids=None, kv_cache: str = "static", **sampling) -> Iterator[int]:
+        """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed.
+        kv_cache: static (default), paged, int8, bf16 or fp16; use_cache=False recomputes every step."""
+        if kv_cache not in KV_CACHES:
+            raise LlmlabError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise LlmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
@@ -144,7 +148,7 @@ class LLM:
         ids = self._check_ids(prompt_ids, max_new_tokens)
         if stop_ids is None:
             stop_ids = {self.tokenizer.eos_id} if self.tokenizer else set()
-        return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache)
+        return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache, kv_cache=kv_cache)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield the continuation of `prompt` as text pieces, as the tokens come."""
