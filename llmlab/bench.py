@@ -38,7 +38,7 @@ import torch
 from .config import ModelConfig
 from .errors import LlmlabError
 from .generate import decode_one_token, prefill
-from .kv_cache import KVCache
+from .kv_cache import KV_CACHES, make_cache
 from .llm import LLM, bundled_model_path, load, parse_device, parse_dtype
 
 PROMPT_PLAY = "hamlet_gut.txt"
@@ -88,13 +88,16 @@ def _sync(device: torch.device) -> None:
 
 
 class LlmlabEngine:
-    name = "llmlab"
+    """llmlab with one KV-cache layout; named "llmlab" for the default contiguous cache,
+    "llmlab-paged", "llmlab-int8", ... for the others."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, kv_cache: str = "static"):
         self.llm, self.model, self.device, self.dtype = llm, llm.model, llm.device, llm.dtype
+        self.kv_cache = kv_cache
+        self.name = "llmlab" if kv_cache == "static" else f"llmlab-{kv_cache}"
 
     def _fresh(self, ids: list[int], max_len: int):
-        cache = KVCache(self.model.config, max_len, dtype=self.dtype, device=self.device)
+        cache = make_cache(self.kv_cache, self.model.config, max_len, self.dtype, self.device)
         return torch.tensor([ids], dtype=torch.long, device=self.device), cache
 
     @torch.inference_mode()
@@ -357,12 +360,15 @@ def versions(with_transformers: bool) -> dict:
 
 def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
         compare: str | None = None, settings: BenchSettings = BenchSettings(), tokenizer: bool = False,
-        progress=None) -> dict:
+        progress=None, kv_caches: tuple[str, ...] = ("static",)) -> dict:
     """Load the model(s), measure, and return the report as a plain dict (what --json writes)."""
     parse_dtype(dtype)
     dev = parse_device(device)
     if compare not in (None, "hf"):
         raise LlmlabError(f"unknown peer {compare!r}; the one peer is 'hf' (Hugging Face transformers)")
+    unknown = [k for k in kv_caches if k not in KV_CACHES]
+    if unknown or not kv_caches:
+        raise LlmlabError(f"unknown KV cache {unknown[0] if unknown else ''!r} (--kv-cache); choose from: {', '.join(KV_CACHES)}")
     if threads is None and dev.type == "cpu":
         threads = 2
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -374,13 +380,13 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
     if threads is not None:
         torch.set_num_threads(threads)     # one process-wide setting: every engine gets the same
     try:
-        return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None))
+        return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None), kv_caches)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settings: BenchSettings,
-         tokenizer: bool, progress) -> dict:
+         tokenizer: bool, progress, kv_caches: tuple[str, ...] = ("static",)) -> dict:
     torch_dtype = parse_dtype(dtype)
     load_before = load_average()
     if dev.type == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
@@ -402,7 +408,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, llm.config.vocab_size, (settings.prompt_tokens,), generator=generator).tolist()
         prompt = f"{settings.prompt_tokens} random token ids (seed 0): no tokenizer was available for this model"
-    engines = [LlmlabEngine(llm)]
+    engines = [LlmlabEngine(llm, kind) for kind in dict.fromkeys(kv_caches)]
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
         start = time.perf_counter()
@@ -425,7 +431,15 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     }
     # the 1-minute load average, to tell a quiet machine's numbers from a shared one's
     report["load_average"] = {"before": load_before, "after": load_average(), "n_cpus": os.cpu_count()}
-    if compare == "hf":
+    results = report["results"]
+    if "llmlab" in results and len(results) > 1:
+        # every other engine against llmlab's contiguous cache, measured in the same rounds
+        report["ratio_over_llmlab_static"] = {
+            name: {stage: r[f"{stage}_tok_s_median"] / results["llmlab"][f"{stage}_tok_s_median"]
+                   for stage in ("prefill", "decode")}
+            for name, r in results.items() if name != "llmlab"
+        }
+    if compare == "hf" and "llmlab" in results:
         a, b = report["results"]["llmlab"], report["results"]["hf"]
         report["ratio_llmlab_over_hf"] = {
             "prefill": a["prefill_tok_s_median"] / b["prefill_tok_s_median"],
@@ -449,13 +463,16 @@ def format_table(report: dict) -> str:
     if load.get("before") is not None:
         lines.append(f"load    {load['before']:.1f} before the runs, {load['after']:.1f} after, on {load['n_cpus']} CPUs "
                      f"(1-minute load average: well above 0 before means other work was running)")
-    lines += ["", f"{'engine':<8} {'prefill ' + str(s['prompt_tokens']) + ' tok':>18} "
+    lines += ["", f"{'engine':<14} {'prefill ' + str(s['prompt_tokens']) + ' tok':>18} "
                   f"{'decode ' + str(s['new_tokens']) + ' tok':>18}"]
     for name, r in report["results"].items():
-        lines.append(f"{name:<8} {r['prefill_tok_s_median']:>12.1f} tok/s {r['decode_tok_s_median']:>12.1f} tok/s")
+        lines.append(f"{name:<14} {r['prefill_tok_s_median']:>12.1f} tok/s {r['decode_tok_s_median']:>12.1f} tok/s")
     if "ratio_llmlab_over_hf" in report:
         ratio = report["ratio_llmlab_over_hf"]
-        lines.append(f"{'llmlab/hf':<8} {ratio['prefill']:>16.2f}x {ratio['decode']:>16.2f}x")
+        lines.append(f"{'llmlab/hf':<14} {ratio['prefill']:>16.2f}x {ratio['decode']:>16.2f}x")
+    for name, ratio in report.get("ratio_over_llmlab_static", {}).items():
+        if name != "hf":
+            lines.append(f"{name + '/llmlab':<14} {ratio['prefill']:>16.2f}x {ratio['decode']:>16.2f}x")
     if "tokenizer" in report:
         t = report["tokenizer"]
         lines += ["", f"tokenizer: encode {t['n_bytes']:,} bytes of Shakespeare (median of {len(t['hf']['seconds'])})"]

@@ -207,7 +207,7 @@ def cmd_bench(args) -> int:
             raise LlmlabError(f"--json {args.json}: the folder {folder} does not exist")
     report = bench.run(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                        compare=args.compare, settings=settings, tokenizer=args.tokenizer,
-                       progress=bench._stderr_progress)
+                       progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")))
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every engine (default 2 on CPU)")
     p.add_argument("--compare", choices=["hf"], help="also measure Hugging Face transformers, taking turns")
+    p.add_argument("--kv-cache", default="static", metavar="KINDS",
+                   help="KV cache(s) for llmlab, comma-separated, measured in the same rounds: "
+                        "static, paged, int8, bf16, fp16 (default static)")
     p.add_argument("--tokenizer", action="store_true", help="also time encoding 1 MB of Shakespeare, llmlab vs HF")
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
     p.set_defaults(func=cmd_bench)

@@ -76,7 +76,8 @@ def test_cli_bench_writes_the_report(tmp_path):
     path = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "llmlab.cli", "bench", "--prompt-tokens", "16", "--new-tokens", "4", "--runs", "2",
-         "--warmup", "0", "--dtype", "bf16", "--threads", "1", "--compare", "hf", "--json", str(path)],
+         "--warmup", "0", "--dtype", "bf16", "--threads", "1", "--compare", "hf", "--kv-cache", "static,paged",
+         "--json", str(path)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -93,3 +94,5 @@ def test_cli_bench_writes_the_report(tmp_path):
         assert len(r["prefill_tok_s"]) == len(r["decode_tok_s"]) == 2
         assert r["prefill_tok_s_median"] > 0 and r["decode_tok_s_median"] > 0
     assert report["ratio_llmlab_over_hf"]["decode"] > 0
+    assert len(report["results"]["llmlab-paged"]["decode_tok_s"]) == 2
+    assert report["ratio_over_llmlab_static"]["llmlab-paged"]["decode"] > 0 and "llmlab-paged/llmlab" in result.stdout
