@@ -85,14 +85,15 @@ class QuantizedKVCache:
 class BlockPool:
     """Physical KV memory as fixed-size blocks of `block_size` tokens, shared by many sequences.
 
-    Shape (layers, n_blocks, kv_heads, block_size, head_dim). A sequence takes a block only when it
-    fills the previous one, so at most block_size - 1 slots per sequence are ever unused, where a
-    contiguous cache reserves max_seq_len slots for every sequence up front.
+    Shape (layers, kv_heads, n_blocks, block_size, head_dim): for one layer and head, a sequence's
+    blocks gathered in block-table order are its keys in position order, with a single copy.
+    A sequence takes a block only when it fills the previous one, so at most block_size - 1 slots per
+    sequence are ever unused, where a contiguous cache reserves max_seq_len slots for every sequence.
     """
 
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
+        shape = (config.n_layers, config.n_kv_heads, n_blocks, block_size, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
@@ -100,11 +101,15 @@ class BlockPool:
 
     @property
     def n_blocks(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def block(self, layer: int, index: int) -> torch.Tensor:
+        """The keys stored in one physical block: (kv_heads, block_size, head_dim)."""
+        return self.k[layer, :, index]
 
     def allocate(self) -> int:
         if not self.free_blocks:
@@ -127,6 +132,7 @@ class PagedKVCache:
         self.pool = pool
         self.block_table: list[int] = []
         self.length = 0
+        self._step = None   # (start_pos, end, blocks, offsets, table): the same for every layer of a step
 
     def reserve(self, n_tokens: int) -> None:
         """Make sure blocks exist for positions 0 .. n_tokens-1."""
@@ -136,23 +142,29 @@ class PagedKVCache:
 
     def release(self) -> None:
         self.pool.release(self.block_table)
-        self.block_table, self.length = [], 0
+        self.block_table, self.length, self._step = [], 0, None
+
+    def _indices(self, start_pos: int, end: int, device):
+        """Where positions start_pos..end-1 go (physical block, offset in it), and the block table as
+        a tensor: computed once per step, not once per layer."""
+        if self._step is None or self._step[:2] != (start_pos, end):
+            self.reserve(end)
+            bs = self.pool.block_size
+            table = torch.tensor(self.block_table[: -(-end // bs)], device=device)   # blocks in use
+            positions = torch.arange(start_pos, end, device=device)
+            self._step = (start_pos, end, table[positions // bs], positions % bs, table)
+        return self._step[2:]
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         # k, v: (1, kv_heads, new, head_dim) -- one sequence
         end = start_pos + k.shape[2]
-        self.reserve(end)
-        bs = self.pool.block_size
-        positions = torch.arange(start_pos, end, device=k.device)
-        table = torch.tensor(self.block_table, device=k.device)
-        blocks, offsets = table[positions // bs], positions % bs
-        # pool[layer] is (n_blocks, kv_heads, block_size, head_dim); index (block, :, offset) per new token
-        self.pool.k[layer, blocks, :, offsets] = k[0].transpose(0, 1).to(self.pool.k.dtype)
-        self.pool.v[layer, blocks, :, offsets] = v[0].transpose(0, 1).to(self.pool.v.dtype)
-        used = table[: math.ceil(end / bs)]
-        # gather this sequence's blocks into one (1, kv_heads, end, head_dim) tensor for attention
-        keys = self.pool.k[layer, used].transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[3])[:, :, :end]
-        values = self.pool.v[layer, used].transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[3])[:, :, :end]
+        blocks, offsets, table = self._indices(start_pos, end, k.device)
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]     # (kv_heads, n_blocks, block_size, head_dim)
+        pool_k[:, blocks, offsets] = k[0].to(pool_k.dtype)          # (kv_heads, new, head_dim) into their slots
+        pool_v[:, blocks, offsets] = v[0].to(pool_v.dtype)
+        # gather this sequence's blocks in table order: (kv_heads, blocks, block_size, head_dim) -> positions
+        keys = pool_k.index_select(1, table).view(1, k.shape[1], -1, k.shape[3])[:, :, :end]
+        values = pool_v.index_select(1, table).view(1, v.shape[1], -1, v.shape[3])[:, :, :end]
         return keys.to(k.dtype), values.to(v.dtype)
 
 

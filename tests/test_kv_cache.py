@@ -81,10 +81,10 @@ def test_paged_cache_takes_blocks_as_it_grows_and_never_moves_data():
     k = torch.randn(1, 3, 6, 64)
     seq.update(0, 0, k, k)
     assert len(seq.block_table) == math.ceil(6 / 4)
-    first_block = pool.k[0, seq.block_table[0]].clone()
+    first_block = pool.block(0, seq.block_table[0]).clone()
     more = torch.randn(1, 3, 1, 64)
     keys, _ = seq.update(0, 6, more, more)
-    assert torch.equal(pool.k[0, seq.block_table[0]], first_block)     # appending moved nothing
+    assert torch.equal(pool.block(0, seq.block_table[0]), first_block)   # appending moved nothing
     assert torch.equal(keys, torch.cat([k, more], dim=2))
     seq.update(0, 7, more, more)                                          # position 7: still block 1
     assert len(seq.block_table) == 2
