@@ -20,6 +20,7 @@ exactly P tokens.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -324,13 +325,11 @@ def tokenizer_benchmark(llmlab_tokenizer, hf_tokenizer, n_bytes: int = 1_000_000
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    with contextlib.suppress(OSError):   # no /proc on macOS or Windows: fall back to platform's name
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
@@ -345,13 +344,11 @@ def versions(with_transformers: bool) -> dict:
     from . import __version__
     v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
          "llmlab": __version__, "platform": platform.platform()}
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):   # not a git checkout, or no git: omit it
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
             v["llmlab_git"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     if with_transformers:
         import transformers
         v["transformers"] = transformers.__version__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -67,14 +68,12 @@ def parse_device(device: str | torch.device) -> torch.device:
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
+    with contextlib.suppress(OSError):   # no /proc/meminfo on macOS or Windows
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown (macOS, Windows): don't refuse
+    return 1 << 62  # unknown: don't refuse
 
 
 def check_fits(n_bytes: int, device: torch.device, what: str) -> None:
