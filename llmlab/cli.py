@@ -207,12 +207,24 @@ def cmd_bench(args) -> int:
             raise LlmlabError(f"--json {args.json}: the folder {folder} does not exist")
     report = bench.run(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                        compare=args.compare, settings=settings, tokenizer=args.tokenizer,
-                       progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")))
+                       progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")),
+                       contexts=_int_list(args.contexts, "--contexts"), fused=not args.unfused,
+                       roofline=args.roofline)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",")) if text else ()
+    except ValueError:
+        raise LlmlabError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. 128,512,2048") from None
+    if any(v < 1 for v in values):
+        raise LlmlabError(f"{flag} {text!r}: every length must be at least 1")
+    return values
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -259,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache(s) for llmlab, comma-separated, measured in the same rounds: "
                         "static, paged, int8, bf16, fp16 (default static)")
     p.add_argument("--tokenizer", action="store_true", help="also time encoding 1 MB of Shakespeare, llmlab vs HF")
+    p.add_argument("--contexts", metavar="LENGTHS",
+                   help="also decode after prompts of these lengths, e.g. 128,512,2048 (same engines, same turns)")
+    p.add_argument("--unfused", action="store_true",
+                   help="separate q/k/v and gate/up matmuls (the plain path) instead of the fused ones")
+    p.add_argument("--roofline", action="store_true",
+                   help="also measure peak FLOP/s and bandwidth, profile one generation and place each stage")
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -17,6 +17,8 @@ from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
 from .model import Transformer
+from .quant import quantize_model
+from .quant.linear import QUANTIZED_WEIGHTS
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -29,6 +31,7 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+WEIGHTS = ("fp32", "bf16", "fp16") + QUANTIZED_WEIGHTS
 
 
 def bundled_model_path() -> Path:
@@ -173,14 +176,45 @@ class LLM:
         return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
 
 
-def load(source: str | os.PathLike | None = None, *, dtype: str = "fp32", device: str = "cpu",
-         seed: int = 0) -> LLM:
+def load(source: str | os.PathLike | None = None, *, dtype: str | None = None, device: str = "cpu",
+         seed: int = 0, fused: bool = True, weights: str | None = None, group_size: int | None = None) -> LLM:
     """Load a model.
 
     source: None for the bundled SmolLM2-135M-Instruct; a `.gguf` file; a Hugging Face folder
     (config.json, *.safetensors, tokenizer.json); or "preset:NAME" for random weights of a real
     shape (`seed` fixes them), for speed work where weights don't matter.
+    fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`);
+    False keeps the separate projections of the plain path.
+    weights: how the linear layers' weights are stored. fp32, bf16, fp16: the model's dtype (the same
+    as `dtype`, which is fp32 if neither is given). int8, int4, fp8: quantized from the fp32 weights by
+    `llmlab.quant.quantize_model` (separate projections, `fused` does not apply); everything else,
+    activations included, runs in `dtype`, bf16 by default: PyTorch's CPU int8/int4 kernels are fast
+    only with bf16 activations. group_size: for int4, how many inputs share a scale (default 32).
     """
+    model_dtype, quantized = parse_weights(weights, dtype, group_size)
+    if quantized is None:
+        llm = _load(source, model_dtype, device, seed)
+        llm.model.fuse_projections(fused)
+    else:
+        llm = _load(source, torch.float32, device, seed)
+        quantize_model(llm.model, quantized, group_size, model_dtype)
+    return llm
+
+
+def parse_weights(weights: str | None, dtype: str | None, group_size: int | None) -> tuple[torch.dtype, str | None]:
+    """load's weights=, dtype= and group_size= -> (the dtype the model runs in, the quantized format or None)."""
+    if weights is not None and weights not in WEIGHTS:
+        raise LlmlabError(f"unknown weights {weights!r}; choose one of: {', '.join(WEIGHTS)}")
+    if group_size is not None and weights != "int4":
+        raise LlmlabError(f"group_size is for weights='int4' only, not weights={weights!r}")
+    if weights in QUANTIZED_WEIGHTS:
+        return parse_dtype(dtype or "bf16"), weights
+    if weights is not None and dtype is not None and parse_dtype(dtype) != parse_dtype(weights):
+        raise LlmlabError(f"weights={weights!r} and dtype={dtype!r} disagree: give only one of them")
+    return parse_dtype(weights or dtype or "fp32"), None
+
+
+def _load(source, dtype: str, device: str, seed: int) -> LLM:
     torch_dtype, dev = parse_dtype(dtype), parse_device(device)
     if source is None:
         source = bundled_model_path()

@@ -63,13 +63,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.backend = "sdpa"
+        self.wqkv: torch.Tensor | None = None      # [W_q; W_k; W_v], set by Transformer.fuse_projections
+
+    def project_qkv(self, x):
+        """x (batch, seq, dim) -> q (batch, heads, seq, head_dim), k and v (batch, kv_heads, seq, head_dim)."""
+        batch, seq, _ = x.shape
+        if self.wqkv is not None:
+            # fused: one matmul over the stacked weights instead of three small ones (one pass, one call)
+            q, k, v = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
+                                                    self.wv.out_features], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        return (q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
     def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None):
         batch, seq, _ = x.shape
-        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)
@@ -85,9 +96,25 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w_gate_up: torch.Tensor | None = None  # [W_gate; W_up], set by Transformer.fuse_projections
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.w_gate_up is not None:
+            gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
+        return self.w_down(F.silu(gate) * up)
+
+
+def stack_rows(*linears: nn.Linear) -> torch.Tensor:
+    """[W_1; W_2; ...] as one matrix, with each linear's weight re-pointed at its rows of it."""
+    stacked = torch.cat([linear.weight.detach() for linear in linears])
+    row = 0
+    for linear in linears:
+        n = linear.out_features
+        linear.weight = nn.Parameter(stacked[row:row + n], requires_grad=False)
+        row += n
+    return stacked
 
 
 class Block(nn.Module):
@@ -120,6 +147,21 @@ class Transformer(nn.Module):
             raise LlmlabError(f"unknown attention backend {backend!r}; choose one of: {', '.join(ATTENTION)}")
         for block in self.layers:
             block.attention.backend = backend
+
+    def fuse_projections(self, fused: bool = True) -> None:
+        """Switch between three q/k/v matmuls and two gate/up matmuls per layer (the plain path) and one
+        of each over stacked weights. The maths is the same; on a small model's decode step, where each
+        matmul is a short matrix-vector product, fewer and larger calls are faster. The separate
+        linears are re-pointed at row slices of the stacked matrix, so both paths share one copy of
+        the weights (fuse after moving the model to its device)."""
+        for block in self.layers:
+            attention, mlp = block.attention, block.mlp
+            linears = (attention.wq, attention.wk, attention.wv, mlp.w_gate, mlp.w_up)
+            if fused and not all(type(linear) is nn.Linear for linear in linears):
+                raise LlmlabError("fuse_projections needs plain nn.Linear weights; fuse before quantizing, "
+                                  "or use the unfused path with quantized weights")
+            attention.wqkv = stack_rows(attention.wq, attention.wk, attention.wv) if fused else None
+            mlp.w_gate_up = stack_rows(mlp.w_gate, mlp.w_up) if fused else None
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -84,10 +84,7 @@ def profiled_attention(attention, x, cos, sin, layer: int, start_pos: int, cache
     """`Attention.forward`, line for line, with each stage timed."""
     batch, seq, _ = x.shape
     with timer.stage("qkv_projections"):
-        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
-        q = attention.wq(x).view(batch, seq, attention.n_heads, attention.head_dim).transpose(1, 2)
-        k = attention.wk(x).view(batch, seq, attention.n_kv_heads, attention.head_dim).transpose(1, 2)
-        v = attention.wv(x).view(batch, seq, attention.n_kv_heads, attention.head_dim).transpose(1, 2)
+        q, k, v = attention.project_qkv(x)
     with timer.stage("rope"):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     with timer.stage("kv_cache"):

@@ -71,8 +71,10 @@ def _matmul_flops_by_stage(counts: dict, n_layers: int) -> dict[str, int]:
 @pytest.mark.parametrize("n_cached, n_new", [(0, 7), (7, 1)], ids=["prefill", "decode"])
 def test_matmul_flops_match_pytorchs_flop_counter(llm, n_cached, n_new):
     """The naive backend's matmuls are visible to FlopCounterMode (SDPA's CPU kernel is not), and
-    counts 2mnk exactly as we do, so the counts must be equal, not just close."""
+    counts 2mnk exactly as we do, so the counts must be equal, not just close. The plain (unfused)
+    projections put each matmul in its own module, where the counter can attribute it."""
     llm.model.set_attention("naive")
+    llm.model.fuse_projections(False)
     cache = KVCache(llm.config, n_cached + n_new)
     try:
         with torch.inference_mode():
@@ -82,6 +84,7 @@ def test_matmul_flops_match_pytorchs_flop_counter(llm, n_cached, n_new):
                 llm.model(torch.arange(1, n_new + 1)[None], start_pos=n_cached, cache=cache, last_only=True)
     finally:
         llm.model.set_attention("sdpa")
+        llm.model.fuse_projections(True)
     counted = _matmul_flops_by_stage(counter.get_flop_counts(), llm.config.n_layers)
     ours = stage_costs(llm.config, n_new, n_cached + n_new)
     assert counted["attention_core"] > 0
