@@ -23,6 +23,13 @@ QK = 32  # values per block in the Q8_0, Q4_0 and Q4_1 formats
 
 # --- the block formats -------------------------------------------------------------------------
 # Each takes the tensor's raw bytes as (rows, bytes_per_row) uint8 and returns (rows, cols) float32.
+#
+# In the quantized formats a row of K values is K/32 blocks laid end to end, each block holding its
+# own fp16 scale (little-endian) and then its 32 quants: group-wise quantization along the inputs with
+# groups of 32, in llmlab.quant's words. Q8_0 is symmetric int8 (w = d*q); Q4_0 symmetric int4
+# (w = d*(q - 8): offset -8d); Q4_1 asymmetric int4 (w = d*q + m: scale d, offset m, the form
+# llmlab.quant.Int4Linear stores). The 4-bit formats put values j and j+16 of a block in byte j,
+# unlike llmlab.quant.pack_int4, which puts neighbouring columns 2j and 2j+1 in byte j.
 
 def dequantize_f32(raw: np.ndarray) -> np.ndarray:
     return raw.view(np.float32).copy()   # a copy: raw is a read-only map of the file

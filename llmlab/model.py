@@ -63,7 +63,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.backend = "sdpa"
-        self.wqkv: torch.Tensor | None = None      # [W_q; W_k; W_v], set by Transformer.fuse_projections
+        # [W_q; W_k; W_v], set by Transformer.fuse_projections; a buffer so that .to() converts it too
+        self.register_buffer("wqkv", None, persistent=False)
 
     def project_qkv(self, x):
         """x (batch, seq, dim) -> q (batch, heads, seq, head_dim), k and v (batch, kv_heads, seq, head_dim)."""
@@ -96,7 +97,7 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.w_gate_up: torch.Tensor | None = None  # [W_gate; W_up], set by Transformer.fuse_projections
+        self.register_buffer("w_gate_up", None, persistent=False)   # [W_gate; W_up], the same way
 
     def forward(self, x):
         if self.w_gate_up is not None:
@@ -153,7 +154,7 @@ class Transformer(nn.Module):
         of each over stacked weights. The maths is the same; on a small model's decode step, where each
         matmul is a short matrix-vector product, fewer and larger calls are faster. The separate
         linears are re-pointed at row slices of the stacked matrix, so both paths share one copy of
-        the weights (fuse after moving the model to its device)."""
+        the weights; `.to()` converts the two copies separately, so fuse again after it to share again."""
         for block in self.layers:
             attention, mlp = block.attention, block.mlp
             linears = (attention.wq, attention.wk, attention.wv, mlp.w_gate, mlp.w_up)

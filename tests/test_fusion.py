@@ -68,3 +68,13 @@ def test_fused_equals_plain_on_cuda():
     m.model.fuse_projections()
     assert (m.logits(ids) - plain).abs().max() <= 1e-4
     assert list(m.generate_ids(ids, 32, stop_ids=set())) == plain_tokens
+
+
+def test_a_fused_model_converts_whole():
+    """.to(dtype) must convert the stacked weights with the separate ones, or the fused matmul would
+    meet bf16 activations with fp32 weights."""
+    m = llmlab.load("preset:smollm2-135m", dtype="fp32")
+    m.model.to(torch.bfloat16)
+    assert m.model.layers[0].attention.wqkv.dtype == torch.bfloat16
+    assert m.model.layers[0].mlp.w_gate_up.dtype == torch.bfloat16
+    assert m.logits([1, 2, 3]).isfinite().all()

@@ -1,0 +1,82 @@
+"""How much does quantization cost in quality? A quantized model against the fp32 one on held-out text.
+
+Three numbers, over every predicted position of the text (see `llmlab.eval` for the definitions):
+
+    perplexity       of each model on the text: how well it predicts the real next token
+    KL divergence    KL(P_fp32 || P_quantized), nats per position: how far the whole next-token
+                     distribution moved, even where the argmax did not
+    top-1 agreement  the fraction of positions where both models would pick the same greedy token
+
+The text is read in windows that share one token, as `llmlab.eval.perplexity` does, so the
+perplexities here equal that function's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import eval as quality
+from ..bench import shakespeare_dir
+from ..errors import LlmlabError
+from ..llm import LLM, load
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:   # tqdm comes with the `lab` extras; without it there is no progress bar
+    tqdm = None
+
+# Two plays the rest of the workbook leaves out of any training (BPE, distillation), so that scores
+# here are on text no part of the lab was fitted to: about 76,000 SmolLM2 tokens together.
+HELD_OUT_PLAYS = ("winters_tale_gut.txt", "two_gentlemen_of_verona_gut.txt")
+KL_ROWS = 128   # positions per KL computation: float64 over 49,152 tokens is 50 MB per tensor
+
+
+def held_out_ids(tokenizer, n_tokens: int = 50_000) -> list[int]:
+    """The first n_tokens token ids of the held-out plays."""
+    text = "\n\n".join((shakespeare_dir() / play).read_text(encoding="utf-8", errors="replace")
+                       for play in HELD_OUT_PLAYS)
+    ids = tokenizer.encode(text)
+    if len(ids) < n_tokens:
+        raise LlmlabError(f"the held-out plays give {len(ids):,} tokens, fewer than the {n_tokens:,} asked for")
+    return ids[:n_tokens]
+
+
+@torch.inference_mode()
+def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 1024, progress: bool = True) -> dict:
+    """Perplexity of both models on `ids`, and KL and top-1 agreement of candidate against reference."""
+    if len(ids) < 2:
+        raise LlmlabError(f"compare needs at least 2 tokens, got {len(ids)}")
+    windows = [ids[start:start + window] for start in range(0, len(ids) - 1, window - 1)]
+    if progress and tqdm is not None:
+        windows = tqdm(windows, desc="windows", unit="window")
+    nll_reference = nll_candidate = kl_sum = agreeing = 0.0
+    for chunk in windows:
+        ref_logits, cand_logits = reference.logits(chunk), candidate.logits(chunk)   # (len(chunk), vocab)
+        nll_reference -= quality.token_log_probs(ref_logits, chunk).double().sum().item()
+        nll_candidate -= quality.token_log_probs(cand_logits, chunk).double().sum().item()
+        ref_logits, cand_logits = ref_logits[:-1], cand_logits[:-1]   # the last row predicts past the window
+        agreeing += quality.top1_agreement(ref_logits, cand_logits) * len(ref_logits)
+        for row in range(0, len(ref_logits), KL_ROWS):
+            rows = slice(row, row + KL_ROWS)
+            kl_sum += quality.kl_divergence(ref_logits[rows], cand_logits[rows]) * len(ref_logits[rows])
+    n_predicted = len(ids) - 1
+    return {
+        "tokens": len(ids),
+        "perplexity_reference": math.exp(nll_reference / n_predicted),
+        "perplexity": math.exp(nll_candidate / n_predicted),
+        "kl_divergence": kl_sum / n_predicted,
+        "top1_agreement": agreeing / n_predicted,
+    }
+
+
+def evaluate_weights(weights: str, *, group_size: int | None = None, n_tokens: int = 50_000,
+                     reference: LLM | None = None, window: int = 1024, progress: bool = True) -> dict:
+    """The bundled SmolLM2 loaded with `weights` (int8, int4, fp8, bf16, ...) against the fp32 model
+    (`reference`, loaded if not given), on n_tokens of the held-out plays."""
+    reference = reference or load(weights="fp32")
+    candidate = load(weights=weights, group_size=group_size)
+    ids = held_out_ids(reference.tokenizer, n_tokens)
+    return {"weights": weights, "group_size": group_size,
+            **compare(reference, candidate, ids, window=window, progress=progress)}
