@@ -1,0 +1,126 @@
+"""Decode attention: ONE new query per head against a KV cache of length L (split-K, "flash decoding").
+
+    o = softmax(q K^T / sqrt(d)) V          q (d,), K, V (L, d): no mask, every cached key is visible
+
+With one query there is nothing to tile along the queries, and a program per head would leave most
+of the GPU idle while it walks L keys alone. So the keys are cut into n_splits chunks:
+
+  1. one program per (batch, KV head, split) attends to its chunk and writes a partial output o_s
+     (normalised by its own sum) and its log-sum-exp lse_s = m_s + log(l_s);
+  2. a second small kernel combines the splits per (batch, head):  o = sum_s w_s o_s, with
+     w_s = exp(lse_s - max lse) / sum_s' exp(lse_s' - max lse), i.e. each split weighted by its
+     share of the total softmax denominator.
+
+Grouped-query: the GROUP query heads that share a KV head are processed by the same program, as
+the rows of one small matrix, so each byte of the cache is read once. Decode is memory-bound: the
+time is the time to read K and V once.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_heads, kv_len, split_len, qk_scale,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    batch, kv_head = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
+    split, n_splits = tl.program_id(1), tl.num_programs(1)
+    # The GROUP query heads of this KV head, padded to GROUP_PAD >= 16 rows (tl.dot's minimum):
+    # padding rows are zeros and are never stored.
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows                                            # (GROUP_PAD,)
+    dims = tl.arange(0, HEAD_DIM)
+    batch = batch.to(tl.int64)
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=rows[:, None] < GROUP, other=0.0)                        # (GROUP_PAD, HEAD_DIM)
+    keys = tl.arange(0, BLOCK_N)
+    k_ptrs = k_ptr + batch * stride_kb + kv_head * stride_kh + keys[:, None] * stride_ks + dims[None, :]
+    v_ptrs = v_ptr + batch * stride_vb + kv_head * stride_vh + keys[:, None] * stride_vs + dims[None, :]
+
+    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
+    split_start = split * split_len
+    split_end = tl.minimum(split_start + split_len, kv_len)   # the launcher makes every split non-empty
+    for start in tl.range(split_start, split_end, BLOCK_N):
+        valid = start + keys < split_end                                      # (BLOCK_N,)
+        k = tl.load(k_ptrs + start * stride_ks, mask=valid[:, None], other=0.0)   # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_ptrs + start * stride_vs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                 # (GROUP_PAD, BLOCK_N), log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))                            # online softmax, as in
+        alpha = tl.math.exp2(m_i - m_new)                                     # flash_attention.py
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # Partials laid out (batch, n_heads, n_splits, HEAD_DIM) and (batch, n_heads, n_splits), fp32.
+    part = (batch * n_kv_heads * GROUP + heads) * n_splits + split           # (GROUP_PAD,)
+    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / l_i[:, None], mask=rows[:, None] < GROUP)
+    tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=rows < GROUP)
+
+
+@triton.jit
+def decode_reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_heads, n_splits, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)                                                     # batch * n_heads + head
+    splits = tl.arange(0, BLOCK_S)                                            # BLOCK_S >= n_splits
+    dims = tl.arange(0, HEAD_DIM)
+    # Missing splits get lse = -inf: weight exp2(-inf) = 0.
+    lse = tl.load(part_lse_ptr + bh * n_splits + splits, mask=splits < n_splits, other=float("-inf"))
+    weight = tl.math.exp2(lse - tl.max(lse, axis=0))                          # (BLOCK_S,), log2 units
+    parts = tl.load(part_o_ptr + (bh * n_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
+                    mask=splits[:, None] < n_splits, other=0.0)              # (BLOCK_S, HEAD_DIM)
+    o = tl.sum(weight[:, None] * parts, axis=0) / tl.sum(weight, axis=0)
+    batch, head = bh // n_heads, bh % n_heads
+    tl.store(o_ptr + batch * stride_ob + head * stride_oh + dims, o.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits: int | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """q (batch, n_heads, 1, head_dim); k, v (batch, n_kv_heads, L, head_dim), any strides with the
+    last dimension contiguous (e.g. cache[:, :, :L], a view of a preallocated cache).
+
+    Returns (batch, n_heads, 1, head_dim) in q's dtype.
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q_len != 1 or k.shape != v.shape or n_heads % n_kv_heads or k.shape[3] != head_dim:
+        raise ValueError(f"decode_attention takes one query per head: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if head_dim & (head_dim - 1) or min(q.stride(3), k.stride(3), v.stride(3)) != 1 or kv_len == 0:
+        raise ValueError("head_dim must be a power of two, the last dimension contiguous, and L >= 1")
+    group = n_heads // n_kv_heads
+    if n_splits is None:
+        # About one program per SM: each streams its chunk with num_stages loads in flight, and
+        # fewer, longer splits leave less to reduce (on an H100, 16 splits of a 4k cache beat 64).
+        n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        n_splits = min(64, triton.cdiv(n_sms, batch * n_kv_heads))
+    # Whole BLOCK_N blocks per split, and no empty split (its lse would be -inf - -inf).
+    split_len = triton.cdiv(triton.cdiv(kv_len, min(n_splits, kv_len)), block_n) * block_n
+    n_splits = triton.cdiv(kv_len, split_len)
+
+    part_o = torch.empty((batch, n_heads, n_splits, head_dim), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((batch, n_heads, n_splits), device=q.device, dtype=torch.float32)
+    decode_partial_kernel[(batch * n_kv_heads, n_splits)](
+        q, k, v, part_o, part_lse, n_kv_heads, kv_len, split_len, 1.0 / math.sqrt(head_dim) * math.log2(math.e),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+    o = torch.empty_like(q)
+    decode_reduce_kernel[(batch * n_heads,)](part_o, part_lse, o, n_heads, n_splits, o.stride(0), o.stride(1),
+                                             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits))
+    return o
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(d)) V in fp32, K/V repeated for each query head of their group."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)                             # (batch, n_heads, L, d)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])         # (batch, n_heads, 1, L)
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)

@@ -1,0 +1,133 @@
+"""FlashAttention forward for prefill: causal, grouped-query, never materialising the scores.
+
+    O = softmax(Q K^T / sqrt(d) + M) V         M: causal mask, 0 where key j <= query i, else -inf
+
+One program owns BLOCK_M queries of one head. It walks the keys BLOCK_N at a time and keeps, per
+query row, a running max m, a running sum l and an unnormalised output acc (the online softmax):
+
+    m' = max(m, rowmax(S))     p = exp(S - m')     l' = l * exp(m - m') + rowsum(p)
+    acc' = acc * exp(m - m') + p V                  and at the end  O = acc / l
+
+so the (seq x seq) score matrix never exists; each K/V tile is read once per query block. exp is
+computed as exp2, with log2(e) folded into the 1/sqrt(d) scale (exp2 is the hardware instruction).
+
+Causality splits the walk in two: key blocks entirely at or before the block's first query need
+no mask; only the few blocks crossing the diagonal are masked; blocks after it are never visited.
+Queries may be the LAST q_len of kv_len positions (a prefill chunk after a cache): query i sits at
+position i + kv_len - q_len.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, q_pos, kv_len, qk_scale, MASKED: tl.constexpr):
+    # q (BLOCK_M, D); k_ptrs, v_ptrs (BLOCK_N, D) for keys at positions `keys` (BLOCK_N,)
+    if MASKED:
+        k = tl.load(k_ptrs, mask=keys[:, None] < kv_len, other=0.0)
+        v = tl.load(v_ptrs, mask=keys[:, None] < kv_len, other=0.0)
+    else:
+        k, v = tl.load(k_ptrs), tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k)) * qk_scale                         # (BLOCK_M, BLOCK_N) fp32, log2 units
+    if MASKED:
+        visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] < kv_len)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Never -inf - -inf: the first block visited holds key 0, which every query sees.
+    alpha = tl.math.exp2(m_i - m_new)                              # rescales what was summed so far
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_heads, q_len, kv_len, qk_scale,
+                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                           stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Heads vary fastest in launch order and query blocks go from last to first: the long blocks
+    # (near the end of the sequence, most keys to see) start first and the short ones fill the tail.
+    batch, head = tl.program_id(0) // n_heads, tl.program_id(0) % n_heads
+    block_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    kv_head = head // GROUP                      # grouped-query: GROUP query heads share one K/V head
+    offset = kv_len - q_len                      # position of query 0
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)               # (BLOCK_M,) query indices
+    q_pos = rows + offset
+    keys = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    batch = batch.to(tl.int64)                   # batch * stride can pass 2^31 elements
+    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + dims[None, :]
+    k_ptrs = k_ptr + batch * stride_kb + kv_head * stride_kh + keys[:, None] * stride_ks + dims[None, :]
+    v_ptrs = v_ptr + batch * stride_vb + kv_head * stride_vh + keys[:, None] * stride_vs + dims[None, :]
+    q = tl.load(q_ptrs, mask=rows[:, None] < q_len, other=0.0)     # (BLOCK_M, HEAD_DIM), loaded once
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    # Keys [0, n_full) are visible to every query of the block (key <= first query's position);
+    # they are also all < kv_len, so these blocks need no mask at all.
+    first_pos = block_m * BLOCK_M + offset
+    n_full = (first_pos + 1) // BLOCK_N * BLOCK_N
+    for start in tl.range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * stride_ks, v_ptrs + start * stride_vs,
+                                      start + keys, q_pos, kv_len, qk_scale, MASKED=False)
+    # The diagonal: keys up to the block's last query position, masked per (query, key).
+    n_end = tl.minimum(first_pos + BLOCK_M, kv_len)
+    for start in tl.range(n_full, n_end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * stride_ks, v_ptrs + start * stride_vs,
+                                      start + keys, q_pos, kv_len, qk_scale, MASKED=True)
+
+    o_ptrs = o_ptr + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + dims[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rows[:, None] < q_len)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | None = None,
+                    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Causal attention. q (batch, n_heads, q_len, head_dim); k, v (batch, n_kv_heads, kv_len, head_dim).
+
+    Returns (batch, n_heads, q_len, head_dim) in q's dtype. The queries are the last q_len positions.
+    The block sizes default to ones measured good on an H100; the interpreter tests pass small ones.
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or n_heads % n_kv_heads:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q_len > kv_len:
+        raise ValueError(f"q_len ({q_len}) > kv_len ({kv_len}): the queries must be the last positions of the keys")
+    if head_dim not in (16, 32, 64, 128, 256) or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("head_dim must be a power of two in 16..256, with the last dimension contiguous")
+    # (BLOCK_M, BLOCK_N, warps, stages) by head_dim, measured on an H100 (bf16, causal, 32 heads):
+    # at d=128, 128 queries share each K/V tile over 8 warps (16 rows of S each); BLOCK_N=128 was
+    # slower (the 128x128 fp32 score tile crowds the registers). At d=64, 64x64 over 4 warps won.
+    default = (128, 64, 8, 3) if head_dim >= 128 else (64, 64, 4, 3)
+    block_m, block_n = block_m or default[0], block_n or default[1]
+    num_warps, num_stages = num_warps or default[2], num_stages or default[3]
+
+    o = torch.empty_like(q)
+    grid = (batch * n_heads, triton.cdiv(q_len, block_m))
+    flash_attention_kernel[grid](
+        q, k, v, o, n_heads, q_len, kv_len, 1.0 / math.sqrt(head_dim) * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+    return o
+
+
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same maths in fp32 with the scores materialised: repeat K/V per query head, mask, softmax."""
+    group = q.shape[1] // k.shape[1]
+    q_len, kv_len = q.shape[2], k.shape[2]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])         # (batch, heads, q_len, kv_len)
+    q_pos = torch.arange(q_len, device=q.device)[:, None] + kv_len - q_len
+    scores = scores.masked_fill(torch.arange(kv_len, device=q.device)[None, :] > q_pos, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
