@@ -40,7 +40,7 @@ from .config import ModelConfig
 from .errors import LlmlabError
 from .generate import decode_one_token, prefill
 from .kv_cache import KV_CACHES, make_cache
-from .llm import LLM, bundled_model_path, load, parse_device, parse_dtype
+from .llm import LLM, bundled_model_path, load, parse_device, parse_dtype, parse_weights
 from .profile import profile_generation
 from .roofline import format_roofline, measure_peaks, roofline_report
 
@@ -106,10 +106,10 @@ class LlmlabEngine:
     """llmlab with one KV-cache layout; named "llmlab" for the default contiguous cache,
     "llmlab-paged", "llmlab-int8", ... for the others."""
 
-    def __init__(self, llm: LLM, kv_cache: str = "static"):
+    def __init__(self, llm: LLM, kv_cache: str = "static", weights: str | None = None):
         self.llm, self.model, self.device, self.dtype = llm, llm.model, llm.device, llm.dtype
         self.kv_cache = kv_cache
-        self.name = "llmlab" if kv_cache == "static" else f"llmlab-{kv_cache}"
+        self.name = "-".join(["llmlab", *([weights] if weights else []), *([kv_cache] if kv_cache != "static" else [])])
 
     def _fresh(self, ids: list[int], max_len: int):
         cache = make_cache(self.kv_cache, self.model.config, max_len, self.dtype, self.device)
@@ -309,19 +309,23 @@ def measure_contexts(engines: list, llm: LLM, contexts: tuple[int, ...], setting
     return by_context
 
 
-def profiler_overhead(llm: LLM, ids: list[int], settings: BenchSettings) -> dict:
-    """Decode seconds per token with the stage timers on (`profile_generation`) against the plain
-    decode loop, taking turns; with profiling off the model is untouched, so that side costs nothing."""
-    engine, plain, profiled = LlmlabEngine(llm), [], []
+def profiled_runs(llm: LLM, ids: list[int], settings: BenchSettings) -> tuple:
+    """Profile the generation `warmup + runs` times, taking turns with the plain decode loop. Returns
+    the timed profile with the median decode step (the first ones pay one-off costs: CUDA events,
+    allocator growth) and the profiler's overhead: profiled against plain seconds per token. With
+    profiling off the model is untouched, so that side costs nothing."""
+    engine, plain, profiles = LlmlabEngine(llm), [], []
     for r in range(settings.warmup + settings.runs):
         p = engine.decode_seconds(ids, settings.new_tokens) / settings.new_tokens
-        q = profile_generation(llm, ids, settings.new_tokens + 1, stop_ids=set()).decode_wall
+        profile = profile_generation(llm, ids, settings.new_tokens + 1, stop_ids=set())
         if r >= settings.warmup:
             plain.append(p)
-            profiled.append(q)
-    plain_s, profiled_s = statistics.median(plain), statistics.median(profiled)
-    return {"plain_seconds_per_token": plain_s, "profiled_seconds_per_token": profiled_s,
-            "overhead": profiled_s / plain_s - 1}
+            profiles.append(profile)
+    profiles.sort(key=lambda profile: profile.decode_wall)
+    median = profiles[len(profiles) // 2]
+    plain_s = statistics.median(plain)
+    return median, {"plain_seconds_per_token": plain_s, "profiled_seconds_per_token": median.decode_wall,
+                    "overhead": median.decode_wall / plain_s - 1}
 
 
 def tokenizer_benchmark(llmlab_tokenizer, hf_tokenizer, n_bytes: int = 1_000_000, runs: int = 3) -> dict:
@@ -411,8 +415,14 @@ def versions(with_transformers: bool) -> dict:
 def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
         compare: str | None = None, settings: BenchSettings = BenchSettings(), tokenizer: bool = False,
         progress=None, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
-        fused: bool = True, roofline: bool = False) -> dict:
-    """Load the model(s), measure, and return the report as a plain dict (what --json writes)."""
+        fused: bool = True, roofline: bool = False, weights: tuple[str, ...] = (),
+        group_size: int | None = None) -> dict:
+    """Load the model(s), measure, and return the report as a plain dict (what --json writes).
+
+    weights: several weight formats measured in the same rounds ("fp32", "int8", "int4", ...): the
+    first is the baseline "llmlab", the others "llmlab-int8", ...; dtype then sets the activations."""
+    for w in weights:
+        parse_weights(w, None if w in ("fp32", "bf16", "fp16") else dtype, group_size if w == "int4" else None)
     parse_dtype(dtype)
     dev = parse_device(device)
     if compare not in (None, "hf"):
@@ -432,14 +442,15 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
         torch.set_num_threads(threads)     # one process-wide setting: every engine gets the same
     try:
         return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None), kv_caches,
-                    contexts, fused, roofline)
+                    contexts, fused, roofline, weights, group_size)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settings: BenchSettings,
          tokenizer: bool, progress, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
-         fused: bool = True, roofline: bool = False) -> dict:
+         fused: bool = True, roofline: bool = False, weights: tuple[str, ...] = (),
+         group_size: int | None = None) -> dict:
     torch_dtype = parse_dtype(dtype)
     load_before = load_average()
     if dev.type == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
@@ -450,13 +461,20 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
 
     progress(f"loading {source} in {dtype} on {dev} (llmlab)")
     start = time.perf_counter()
-    llm = load(source, dtype=dtype, device=str(dev), fused=fused)
+    first = weights[0] if weights else None
+    llm = load(source, dtype=None if first in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
+               weights=first, group_size=group_size if first == "int4" else None)
     load_seconds = {"llmlab": time.perf_counter() - start}
     settings.check(llm.config)
     for context in contexts:
         BenchSettings(context, settings.new_tokens).check(llm.config)
     ids, prompt = bench_prompt(llm, settings.prompt_tokens)
     engines = [LlmlabEngine(llm, kind) for kind in dict.fromkeys(kv_caches)]
+    for w in weights[1:]:
+        progress(f"loading {source} with {w} weights on {dev} (llmlab)")
+        other = load(source, dtype=None if w in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
+                     weights=w, group_size=group_size if w == "int4" else None)
+        engines.append(LlmlabEngine(other, weights=w))
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
         start = time.perf_counter()
@@ -472,6 +490,8 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "model": source,
         "dtype": dtype,
         "fused_projections": fused,
+        "weights": list(weights) or [dtype],
+        "group_size": group_size,
         "batch": 1,
         "settings": settings.__dict__,
         "method": method_text(settings, [e.name for e in engines], dev, prompt),
@@ -498,9 +518,9 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         report["decode_by_context"] = measure_contexts(engines, llm, contexts, settings, progress)
     if roofline:
         progress("measuring this machine's peak FLOP/s and bandwidth, then profiling one generation")
-        profile = profile_generation(llm, ids, settings.new_tokens + 1, stop_ids=set())
+        profile, overhead = profiled_runs(llm, ids, settings)
         report["roofline"] = roofline_report(profile, measure_peaks(dev, torch_dtype))
-        report["roofline"]["profiler_overhead"] = profiler_overhead(llm, ids, settings)
+        report["roofline"]["profiler_overhead"] = overhead
     if tokenizer:
         progress("timing the tokenizers on 1 MB of Shakespeare")
         report["tokenizer"] = tokenizer_benchmark(llm.tokenizer, load_hf_tokenizer(source))

@@ -209,7 +209,8 @@ def cmd_bench(args) -> int:
                        compare=args.compare, settings=settings, tokenizer=args.tokenizer,
                        progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")),
                        contexts=_int_list(args.contexts, "--contexts"), fused=not args.unfused,
-                       roofline=args.roofline)
+                       roofline=args.roofline, weights=tuple(args.weights.split(",")) if args.weights else (),
+                       group_size=args.group_size)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -225,6 +226,25 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise LlmlabError(f"{flag} {text!r}: every length must be at least 1")
     return values
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from .quant.evaluate import quality_table
+
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise LlmlabError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    report = quality_table(args.formats.split(","), n_tokens=args.tokens, window=args.window)
+    print(f"{report['tokens']:,} tokens of {', '.join(report['held_out_plays'])}; reference: {report['reference']}")
+    print(f"{'format':<10} {'MB':>7} {'perplexity':>11} {'KL (nats)':>10} {'top-1':>7}")
+    for name, r in report["results"].items():
+        print(f"{name:<10} {r['model_bytes'] / 1e6:>7.1f} {r['perplexity']:>11.3f} {r['kl_divergence']:>10.5f} "
+              f"{r['top1_agreement']:>7.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -275,10 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode after prompts of these lengths, e.g. 128,512,2048 (same engines, same turns)")
     p.add_argument("--unfused", action="store_true",
                    help="separate q/k/v and gate/up matmuls (the plain path) instead of the fused ones")
+    p.add_argument("--weights", metavar="FORMATS",
+                   help="weight formats measured in the same rounds, e.g. fp32,int8,int4 (the first is the "
+                        "baseline); with int8/int4/fp8, --dtype sets the activations (bf16: the fast CPU kernels)")
+    p.add_argument("--group-size", type=int, help="int4 group size (default 32)")
     p.add_argument("--roofline", action="store_true",
                    help="also measure peak FLOP/s and bandwidth, profile one generation and place each stage")
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
     p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("eval", help="perplexity, KL and top-1 agreement of weight / KV formats against fp32")
+    p.add_argument("--formats", default="fp32,bf16,fp16,int8,int4-g32,int4-g64,fp8,kv-int8",
+                   help="comma-separated: fp32, bf16, fp16, int8, int4-gN, fp8, kv-int8 (an int8 KV cache)")
+    p.add_argument("--tokens", type=int, default=50_000, help="tokens of held-out Shakespeare (default 50,000)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
+    p.add_argument("--json", metavar="PATH", help="write every number here")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

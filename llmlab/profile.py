@@ -41,7 +41,7 @@ import torch
 
 from .attention import ATTENTION
 from .config import ModelConfig
-from .kv_cache import make_cache
+from .kv_cache import KVCache, make_cache
 from .model import apply_rope, rope_cos_sin
 from .sampling import SamplingParams, make_generator, sample
 
@@ -288,3 +288,21 @@ def profile_generation(llm, prompt: str | list[int], max_new_tokens: int = 32,
         decode_costs=_mean_costs([stage_costs(model.config, 1, len(ids) + step, itemsize)
                                   for step in range(1, len(steps))]),
     )
+
+
+@torch.inference_mode()
+def profile_batch(model, batch: int, prompt_len: int, decode_steps: int = 3,
+                  generator: torch.Generator | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Stage seconds of one prefill of `batch` random prompts of prompt_len tokens, and of the mean
+    decode step after it (every sequence gets one new token per step). No tokenizer and no sampling:
+    the model's stages alone, to see how their shares move with prompt length and batch size."""
+    device, config = model.embed.weight.device, model.config
+    tokens = torch.randint(0, config.vocab_size, (batch, prompt_len + decode_steps), generator=generator).to(device)
+    cache = KVCache(config, prompt_len + decode_steps, batch, dtype=model.embed.weight.dtype, device=device)
+    steps = []
+    for step in range(decode_steps + 1):
+        start, end = (0, prompt_len) if step == 0 else (prompt_len + step - 1, prompt_len + step)
+        timer, wall = StageTimer(device), time.perf_counter()
+        profiled_forward(model, tokens[:, start:end], start, cache, timer)
+        steps.append(_step_times(timer, wall))
+    return steps[0], _mean_times(steps[1:])

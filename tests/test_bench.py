@@ -96,3 +96,12 @@ def test_cli_bench_writes_the_report(tmp_path):
     assert report["ratio_llmlab_over_hf"]["decode"] > 0
     assert len(report["results"]["llmlab-paged"]["decode_tok_s"]) == 2
     assert report["ratio_over_llmlab_static"]["llmlab-paged"]["decode"] > 0 and "llmlab-paged/llmlab" in result.stdout
+
+
+def test_weight_formats_are_measured_in_the_same_rounds():
+    report = bench.run(None, dtype="bf16", settings=TINY, threads=1, weights=("fp32", "int8"))
+    assert list(report["results"]) == ["llmlab", "llmlab-int8"]
+    assert report["weights"] == ["fp32", "int8"]
+    assert report["ratio_over_llmlab_static"]["llmlab-int8"]["decode"] > 0
+    with pytest.raises(LlmlabError, match="unknown weights"):
+        bench.run(None, settings=TINY, weights=("int3",))

@@ -287,3 +287,18 @@ def test_a_model_compared_with_itself_agrees_fully_and_scores_its_own_perplexity
     report = compare(llm, llm, ids, window=128, progress=False)
     assert report["top1_agreement"] == 1.0 and report["kl_divergence"] == pytest.approx(0.0, abs=1e-12)
     assert report["perplexity"] == report["perplexity_reference"] == pytest.approx(perplexity(llm, ids, window=128))
+
+
+def test_quality_table_scores_formats_against_fp32():
+    """fp32 against itself must score KL 0 and agree everywhere; a quantized format or cache must not
+    (and must stay close); weight bytes shrink with the format. 300 tokens keep it quick."""
+    from llmlab.quant.evaluate import quality_table
+    report = quality_table(["fp32", "int8", "kv-int8"], n_tokens=300, window=128, progress=False)
+    fp32, int8, kv = (report["results"][name] for name in ("fp32", "int8", "kv-int8"))
+    assert fp32["kl_divergence"] == 0 and fp32["top1_agreement"] == 1
+    assert fp32["perplexity"] == fp32["perplexity_reference"]
+    assert 0 < int8["kl_divergence"] < 0.05 and 0 < kv["kl_divergence"] < 0.05
+    assert int8["model_bytes"] < 0.6 * fp32["model_bytes"]
+    assert kv["model_bytes"] == fp32["model_bytes"]                    # a cache format: same weights
+    with pytest.raises(LlmlabError, match="int4-g32"):
+        quality_table(["int4-gx"])

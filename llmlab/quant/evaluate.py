@@ -20,6 +20,7 @@ import torch
 from .. import eval as quality
 from ..bench import shakespeare_dir
 from ..errors import LlmlabError
+from ..kv_cache import make_cache
 from ..llm import LLM, load
 
 try:
@@ -43,9 +44,22 @@ def held_out_ids(tokenizer, n_tokens: int = 50_000) -> list[int]:
     return ids[:n_tokens]
 
 
+def cached_logits(llm: LLM, ids: list[int], kv_cache: str) -> torch.Tensor:
+    """Logits of every position, computed through a KV cache of the given kind: in chunks of 64 after
+    the first, so every chunk's attention reads keys and values back from the cache, as decode does
+    (a quantized cache's rounding included)."""
+    cache = make_cache(kv_cache, llm.config, len(ids), llm.dtype, llm.device)
+    tokens = torch.tensor([ids], device=llm.device)
+    chunks = [llm.model(tokens[:, start:start + 64], start_pos=start, cache=cache)[0]
+              for start in range(0, len(ids), 64)]
+    return torch.cat(chunks).float()
+
+
 @torch.inference_mode()
-def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 1024, progress: bool = True) -> dict:
-    """Perplexity of both models on `ids`, and KL and top-1 agreement of candidate against reference."""
+def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 1024, progress: bool = True,
+            kv_cache: str | None = None) -> dict:
+    """Perplexity of both models on `ids`, and KL and top-1 agreement of candidate against reference;
+    with kv_cache, the candidate's logits come through that KV cache (`cached_logits`)."""
     if len(ids) < 2:
         raise LlmlabError(f"compare needs at least 2 tokens, got {len(ids)}")
     windows = [ids[start:start + window] for start in range(0, len(ids) - 1, window - 1)]
@@ -53,7 +67,8 @@ def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 102
         windows = tqdm(windows, desc="windows", unit="window")
     nll_reference = nll_candidate = kl_sum = agreeing = 0.0
     for chunk in windows:
-        ref_logits, cand_logits = reference.logits(chunk), candidate.logits(chunk)   # (len(chunk), vocab)
+        ref_logits = reference.logits(chunk)                                            # (len(chunk), vocab)
+        cand_logits = cached_logits(candidate, chunk, kv_cache) if kv_cache else candidate.logits(chunk)
         nll_reference -= quality.token_log_probs(ref_logits, chunk).double().sum().item()
         nll_candidate -= quality.token_log_probs(cand_logits, chunk).double().sum().item()
         ref_logits, cand_logits = ref_logits[:-1], cand_logits[:-1]   # the last row predicts past the window
@@ -69,6 +84,43 @@ def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 102
         "kl_divergence": kl_sum / n_predicted,
         "top1_agreement": agreeing / n_predicted,
     }
+
+
+def model_bytes(llm: LLM) -> int:
+    """Bytes of every weight the model holds: parameters and (quantized layers') buffers, shared storage
+    (the tied head, the fused projections' views) counted once."""
+    storages = {}
+    for t in (*llm.model.parameters(), *llm.model.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def parse_format(name: str) -> tuple[str, int | None, str | None]:
+    """"int4-g64" -> ("int4", 64, None); "kv-int8" -> ("fp32", None, "int8"); "bf16" -> ("bf16", None, None)."""
+    if name.startswith("kv-"):
+        return "fp32", None, name.removeprefix("kv-")
+    weights, _, group = name.partition("-g")
+    if group and not group.isdigit():
+        raise LlmlabError(f"format {name!r}: write a group size as int4-g32, int4-g64, ...")
+    return weights, int(group) if group else None, None
+
+
+def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024, progress: bool = True) -> dict:
+    """Each format ("fp32", "bf16", "int8", "int4-g32", "fp8", "kv-int8", ...) against the fp32 model
+    on n_tokens of the held-out plays, with the model's weight bytes."""
+    parsed = {name: parse_format(name) for name in formats}          # every name checked before any work
+    reference = load(weights="fp32")
+    ids = held_out_ids(reference.tokenizer, n_tokens)
+    results = {}
+    for name, (weights, group_size, kv_cache) in parsed.items():
+        candidate = reference if (weights, kv_cache) == ("fp32", None) else load(weights=weights, group_size=group_size)
+        if progress:
+            print(f"{name}: {len(ids):,} tokens", flush=True)
+        results[name] = {"weights": weights, "group_size": group_size, "kv_cache": kv_cache,
+                         "model_bytes": model_bytes(candidate),
+                         **compare(reference, candidate, ids, window=window, progress=progress, kv_cache=kv_cache)}
+    return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
+            "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}
 
 
 def evaluate_weights(weights: str, *, group_size: int | None = None, n_tokens: int = 50_000,
