@@ -47,4 +47,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
 
 
-ATTENTION = {"naive": naive_attention, "sdpa": sdpa_attention}
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """llmlab's own Triton kernels: FlashAttention for a prefill (or a chunk after cached tokens),
+    split-K decode attention for one new token. Imported here, at first use, because importing
+    llmlab.kernels starts Triton (and, without a GPU, its CPU interpreter)."""
+    from .kernels.decode_attention import decode_attention
+    from .kernels.flash_attention import flash_attention
+    if q.shape[2] == 1:
+        return decode_attention(q, k, v)
+    return flash_attention(q, k, v)
+
+
+ATTENTION = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}

@@ -16,7 +16,8 @@ from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
-from .model import Transformer
+from .attention import ATTENTION
+from .model import KERNELS, Transformer
 from .quant import quantize_model
 from .quant.linear import QUANTIZED_WEIGHTS
 from .sampling import SamplingParams
@@ -177,7 +178,8 @@ class LLM:
 
 
 def load(source: str | os.PathLike | None = None, *, dtype: str | None = None, device: str = "cpu",
-         seed: int = 0, fused: bool = True, weights: str | None = None, group_size: int | None = None) -> LLM:
+         seed: int = 0, fused: bool = True, weights: str | None = None, group_size: int | None = None,
+         attention: str = "sdpa", kernels: str = "torch") -> LLM:
     """Load a model.
 
     source: None for the bundled SmolLM2-135M-Instruct; a `.gguf` file; a Hugging Face folder
@@ -190,7 +192,15 @@ def load(source: str | os.PathLike | None = None, *, dtype: str | None = None, d
     `llmlab.quant.quantize_model` (separate projections, `fused` does not apply); everything else,
     activations included, runs in `dtype`, bf16 by default: PyTorch's CPU int8/int4 kernels are fast
     only with bf16 activations. group_size: for int4, how many inputs share a scale (default 32).
+    attention: "sdpa" (PyTorch's fused kernel), "naive" (the maths written out) or "triton" (llmlab's
+    FlashAttention and split-K decode kernels). kernels: "torch" or "triton" for RMSNorm (residual
+    add fused in), RoPE and SwiGLU. Without a GPU the Triton kernels run in Triton's CPU interpreter:
+    correct, and very slow; for stepping through and testing, on tiny models.
     """
+    if attention not in ATTENTION:
+        raise LlmlabError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION)}")
+    if kernels not in KERNELS:
+        raise LlmlabError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
     model_dtype, quantized = parse_weights(weights, dtype, group_size)
     if quantized is None:
         llm = _load(source, model_dtype, device, seed)
@@ -198,6 +208,8 @@ def load(source: str | os.PathLike | None = None, *, dtype: str | None = None, d
     else:
         llm = _load(source, torch.float32, device, seed)
         quantize_model(llm.model, quantized, group_size, model_dtype)
+    llm.model.set_attention(attention)
+    llm.model.set_kernels(kernels)
     return llm
 
 

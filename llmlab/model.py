@@ -9,6 +9,8 @@ prefill (many tokens at once) and decode (one token), reading and extending a KV
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,15 @@ from .errors import LlmlabError
 from .kv_cache import KVCache
 
 
+KERNELS = ("torch", "triton")
+
+
+def triton_kernel(name: str):
+    """The module llmlab.kernels.<name>, imported at first use: importing it starts Triton (and,
+    without a GPU, its CPU interpreter), which a model running PyTorch's kernels never needs."""
+    return importlib.import_module(f".kernels.{name}", __package__)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w   -- computed in fp32, as the reference does, whatever the dtype."""
 
@@ -26,8 +37,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":                      # one kernel: one read of x, one write of y
+            return triton_kernel("rms_norm").rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -63,6 +77,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.backend = "sdpa"
+        self.kernels = "torch"
         # [W_q; W_k; W_v], set by Transformer.fuse_projections; a buffer so that .to() converts it too
         self.register_buffer("wqkv", None, persistent=False)
 
@@ -82,7 +97,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None):
         batch, seq, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels == "triton":                      # rotate q and k in place, in one kernel each
+            q, k = q.contiguous(), k.contiguous()
+            triton_kernel("rope").apply_rope_(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)
         out = ATTENTION[self.backend](q, k, v)                            # (batch, heads, seq, head_dim)
@@ -98,12 +117,15 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
         self.register_buffer("w_gate_up", None, persistent=False)   # [W_gate; W_up], the same way
+        self.kernels = "torch"
 
     def forward(self, x):
         if self.w_gate_up is not None:
             gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.w_gate(x), self.w_up(x)
+        if self.kernels == "triton":                      # silu and the product in one pass
+            return self.w_down(triton_kernel("swiglu").swiglu(gate.contiguous(), up.contiguous()))
         return self.w_down(F.silu(gate) * up)
 
 
@@ -127,8 +149,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, layer, start_pos, cache):
-        h = x + self.attention(self.attn_norm(x), cos, sin, layer, start_pos, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        attended = self.attention(self.attn_norm(x), cos, sin, layer, start_pos, cache)
+        if self.mlp_norm.kernels == "triton":
+            # the residual add fused into the norm: h = x + attended is written once, never re-read
+            normed, h = triton_kernel("rms_norm").rms_norm_residual(attended, x, self.mlp_norm.weight, self.mlp_norm.eps)
+        else:
+            h = x + attended
+            normed = self.mlp_norm(h)
+        return h + self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -143,11 +171,21 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
 
     def set_attention(self, backend: str) -> None:
-        """Switch every layer's attention between the maths written out ("naive") and PyTorch's SDPA."""
+        """Switch every layer's attention: the maths written out ("naive"), PyTorch's SDPA, or llmlab's
+        Triton FlashAttention and decode kernels ("triton")."""
         if backend not in ATTENTION:
             raise LlmlabError(f"unknown attention backend {backend!r}; choose one of: {', '.join(ATTENTION)}")
         for block in self.layers:
             block.attention.backend = backend
+
+    def set_kernels(self, kernels: str) -> None:
+        """Switch RMSNorm (with the residual add fused in), RoPE and SwiGLU between PyTorch's operations
+        ("torch") and llmlab's Triton kernels ("triton"). The matmuls stay PyTorch's (cuBLAS)."""
+        if kernels not in KERNELS:
+            raise LlmlabError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = kernels
 
     def fuse_projections(self, fused: bool = True) -> None:
         """Switch between three q/k/v matmuls and two gate/up matmuls per layer (the plain path) and one

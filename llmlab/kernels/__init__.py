@@ -12,20 +12,16 @@ import sys
 
 import torch
 
-# Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function, and triton.language
-# decorates its own helpers (tl.zeros, tl.sum, ...) as `import triton` runs: so the variable must be
-# set before triton is first imported. This package imports no triton itself; its kernel modules do.
-# The interpreter executes each program with NumPy on CPU tensors, so every kernel here also runs on
-# a laptop. setdefault: a user's explicit choice (TRITON_INTERPRET=1 on a GPU, to debug) wins.
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ:
-        raise ImportError("triton was imported before llmlab.kernels on a machine without a CUDA GPU, so its "
-                          "interpreter is off and no kernel can run: import llmlab.kernels first, or set "
-                          "TRITON_INTERPRET=1 before importing triton")
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 def interpreted() -> bool:
     """True when kernels run in Triton's CPU interpreter rather than compiled for a GPU."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
+
+# Without a CUDA GPU, `import llmlab` has already set TRITON_INTERPRET=1 (see llmlab/__init__.py): the
+# interpreter executes each program with NumPy on CPU tensors, so every kernel here also runs on a
+# laptop. Triton reads the variable once, on its first import: if triton came in before llmlab did,
+# the interpreter is off and no kernel could run, so say so now rather than fail at the first launch.
+if not torch.cuda.is_available() and "triton" in sys.modules and not interpreted():
+    raise ImportError("triton was imported before llmlab on a machine without a CUDA GPU, so its interpreter "
+                      "is off and no kernel can run: import llmlab first, or set TRITON_INTERPRET=1 before "
+                      "importing triton")
