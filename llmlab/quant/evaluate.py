@@ -56,34 +56,44 @@ def cached_logits(llm: LLM, ids: list[int], kv_cache: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 1024, progress: bool = True,
-            kv_cache: str | None = None) -> dict:
-    """Perplexity of both models on `ids`, and KL and top-1 agreement of candidate against reference;
-    with kv_cache, the candidate's logits come through that KV cache (`cached_logits`)."""
+def compare_many(reference: LLM, candidates: dict[str, tuple[LLM, str | None]], ids: list[int], *,
+                 window: int = 1024, progress: bool = True) -> dict[str, dict]:
+    """Perplexity of every candidate (name -> (model, KV cache kind or None)) and its KL and top-1
+    agreement against reference, on `ids`. The reference's logits are computed once per window and
+    shared by all candidates; with a KV cache kind, a candidate's logits come through that cache."""
     if len(ids) < 2:
         raise LlmlabError(f"compare needs at least 2 tokens, got {len(ids)}")
     windows = [ids[start:start + window] for start in range(0, len(ids) - 1, window - 1)]
     if progress and tqdm is not None:
         windows = tqdm(windows, desc="windows", unit="window")
-    nll_reference = nll_candidate = kl_sum = agreeing = 0.0
+    nll_reference = 0.0
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agreeing": 0.0} for name in candidates}
     for chunk in windows:
         ref_logits = reference.logits(chunk)                                            # (len(chunk), vocab)
-        cand_logits = cached_logits(candidate, chunk, kv_cache) if kv_cache else candidate.logits(chunk)
         nll_reference -= quality.token_log_probs(ref_logits, chunk).double().sum().item()
-        nll_candidate -= quality.token_log_probs(cand_logits, chunk).double().sum().item()
-        ref_logits, cand_logits = ref_logits[:-1], cand_logits[:-1]   # the last row predicts past the window
-        agreeing += quality.top1_agreement(ref_logits, cand_logits) * len(ref_logits)
-        for row in range(0, len(ref_logits), KL_ROWS):
-            rows = slice(row, row + KL_ROWS)
-            kl_sum += quality.kl_divergence(ref_logits[rows], cand_logits[rows]) * len(ref_logits[rows])
+        for name, (candidate, kv_cache) in candidates.items():
+            cand_logits = cached_logits(candidate, chunk, kv_cache) if kv_cache else candidate.logits(chunk)
+            s = sums[name]
+            s["nll"] -= quality.token_log_probs(cand_logits, chunk).double().sum().item()
+            ref, cand = ref_logits[:-1], cand_logits[:-1]      # the last row predicts past the window
+            s["agreeing"] += quality.top1_agreement(ref, cand) * len(ref)
+            for row in range(0, len(ref), KL_ROWS):
+                rows = slice(row, row + KL_ROWS)
+                s["kl"] += quality.kl_divergence(ref[rows], cand[rows]) * len(ref[rows])
     n_predicted = len(ids) - 1
-    return {
-        "tokens": len(ids),
-        "perplexity_reference": math.exp(nll_reference / n_predicted),
-        "perplexity": math.exp(nll_candidate / n_predicted),
-        "kl_divergence": kl_sum / n_predicted,
-        "top1_agreement": agreeing / n_predicted,
-    }
+    return {name: {"tokens": len(ids),
+                   "perplexity_reference": math.exp(nll_reference / n_predicted),
+                   "perplexity": math.exp(s["nll"] / n_predicted),
+                   "kl_divergence": s["kl"] / n_predicted,
+                   "top1_agreement": s["agreeing"] / n_predicted}
+            for name, s in sums.items()}
+
+
+def compare(reference: LLM, candidate: LLM, ids: list[int], *, window: int = 1024, progress: bool = True,
+            kv_cache: str | None = None) -> dict:
+    """Perplexity of both models on `ids`, and KL and top-1 agreement of candidate against reference."""
+    return compare_many(reference, {"candidate": (candidate, kv_cache)}, ids, window=window,
+                        progress=progress)["candidate"]
 
 
 def model_bytes(llm: LLM) -> int:
@@ -111,14 +121,15 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
     parsed = {name: parse_format(name) for name in formats}          # every name checked before any work
     reference = load(weights="fp32")
     ids = held_out_ids(reference.tokenizer, n_tokens)
-    results = {}
-    for name, (weights, group_size, kv_cache) in parsed.items():
-        candidate = reference if (weights, kv_cache) == ("fp32", None) else load(weights=weights, group_size=group_size)
-        if progress:
-            print(f"{name}: {len(ids):,} tokens", flush=True)
-        results[name] = {"weights": weights, "group_size": group_size, "kv_cache": kv_cache,
-                         "model_bytes": model_bytes(candidate),
-                         **compare(reference, candidate, ids, window=window, progress=progress, kv_cache=kv_cache)}
+    candidates = {name: (reference if (weights, kv_cache) == ("fp32", None)
+                         else load(weights=weights, group_size=group_size), kv_cache)
+                  for name, (weights, group_size, kv_cache) in parsed.items()}
+    if progress:
+        print(f"{', '.join(formats)} against fp32 on {len(ids):,} tokens", flush=True)
+    scores = compare_many(reference, candidates, ids, window=window, progress=progress)
+    results = {name: {"weights": weights, "group_size": group_size, "kv_cache": kv_cache,
+                      "model_bytes": model_bytes(candidates[name][0]), **scores[name]}
+               for name, (weights, group_size, kv_cache) in parsed.items()}
     return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
             "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}
 
