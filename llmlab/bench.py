@@ -416,7 +416,7 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
         compare: str | None = None, settings: BenchSettings = BenchSettings(), tokenizer: bool = False,
         progress=None, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
         fused: bool = True, roofline: bool = False, weights: tuple[str, ...] = (),
-        group_size: int | None = None) -> dict:
+        group_size: int | None = None, attention: str = "sdpa", kernels: str = "torch") -> dict:
     """Load the model(s), measure, and return the report as a plain dict (what --json writes).
 
     weights: several weight formats measured in the same rounds ("fp32", "int8", "int4", ...): the
@@ -442,7 +442,7 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
         torch.set_num_threads(threads)     # one process-wide setting: every engine gets the same
     try:
         return _run(source, dtype, dev, compare, settings, tokenizer, progress or (lambda message: None), kv_caches,
-                    contexts, fused, roofline, weights, group_size)
+                    contexts, fused, roofline, weights, group_size, {"attention": attention, "kernels": kernels})
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -450,7 +450,8 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
 def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settings: BenchSettings,
          tokenizer: bool, progress, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
          fused: bool = True, roofline: bool = False, weights: tuple[str, ...] = (),
-         group_size: int | None = None) -> dict:
+         group_size: int | None = None, switches: dict | None = None) -> dict:
+    switches = switches or {}
     torch_dtype = parse_dtype(dtype)
     load_before = load_average()
     if dev.type == "cpu" and load_before is not None and load_before > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
@@ -463,7 +464,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     start = time.perf_counter()
     first = weights[0] if weights else None
     llm = load(source, dtype=None if first in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
-               weights=first, group_size=group_size if first == "int4" else None)
+               weights=first, group_size=group_size if first == "int4" else None, **switches)
     load_seconds = {"llmlab": time.perf_counter() - start}
     settings.check(llm.config)
     for context in contexts:
@@ -473,7 +474,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     for w in weights[1:]:
         progress(f"loading {source} with {w} weights on {dev} (llmlab)")
         other = load(source, dtype=None if w in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
-                     weights=w, group_size=group_size if w == "int4" else None)
+                     weights=w, group_size=group_size if w == "int4" else None, **switches)
         engines.append(LlmlabEngine(other, weights=w))
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
@@ -490,6 +491,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "model": source,
         "dtype": dtype,
         "fused_projections": fused,
+        **switches,
         "weights": list(weights) or [dtype],
         "group_size": group_size,
         "batch": 1,

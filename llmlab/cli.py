@@ -210,7 +210,7 @@ def cmd_bench(args) -> int:
                        progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")),
                        contexts=_int_list(args.contexts, "--contexts"), fused=not args.unfused,
                        roofline=args.roofline, weights=tuple(args.weights.split(",")) if args.weights else (),
-                       group_size=args.group_size)
+                       group_size=args.group_size, attention=args.attention, kernels=args.kernels)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight formats measured in the same rounds, e.g. fp32,int8,int4 (the first is the "
                         "baseline); with int8/int4/fp8, --dtype sets the activations (bf16: the fast CPU kernels)")
     p.add_argument("--group-size", type=int, help="int4 group size (default 32)")
+    p.add_argument("--attention", default="sdpa", help="llmlab's attention: sdpa, naive or triton")
+    p.add_argument("--kernels", default="torch", help="llmlab's RMSNorm/RoPE/SwiGLU: torch or triton")
     p.add_argument("--roofline", action="store_true",
                    help="also measure peak FLOP/s and bandwidth, profile one generation and place each stage")
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")

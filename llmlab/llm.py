@@ -71,7 +71,10 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # what the driver has free, plus what PyTorch's allocator holds cached but not in use
+        # (freed tensors' blocks, e.g. a previous model's), which it hands out before asking the driver
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     with contextlib.suppress(OSError):   # no /proc/meminfo on macOS or Windows
         with open("/proc/meminfo") as f:
             for line in f:

@@ -22,11 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_attention import dot_precision
+
 
 @triton.jit
 def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_heads, kv_len, split_len, qk_scale,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr):
     batch, kv_head = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     # The GROUP query heads of this KV head, padded to GROUP_PAD >= 16 rows (tl.dot's minimum):
@@ -50,13 +53,13 @@ def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_he
         valid = start + keys < split_end                                      # (BLOCK_N,)
         k = tl.load(k_ptrs + start * stride_ks, mask=valid[:, None], other=0.0)   # (BLOCK_N, HEAD_DIM)
         v = tl.load(v_ptrs + start * stride_vs, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                                 # (GROUP_PAD, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (GROUP_PAD, BLOCK_N), log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))                            # online softmax, as in
         alpha = tl.math.exp2(m_i - m_new)                                     # flash_attention.py
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     # Partials laid out (batch, n_heads, n_splits, HEAD_DIM) and (batch, n_heads, n_splits), fp32.
@@ -110,7 +113,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits
         q, k, v, part_o, part_lse, n_kv_heads, kv_len, split_len, 1.0 / math.sqrt(head_dim) * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     o = torch.empty_like(q)
     decode_reduce_kernel[(batch * n_heads,)](part_o, part_lse, o, n_heads, n_splits, o.stride(0), o.stride(1),
                                              HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits))

@@ -25,14 +25,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, q_pos, kv_len, qk_scale, MASKED: tl.constexpr):
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, q_pos, kv_len, qk_scale, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
     # q (BLOCK_M, D); k_ptrs, v_ptrs (BLOCK_N, D) for keys at positions `keys` (BLOCK_N,)
     if MASKED:
         k = tl.load(k_ptrs, mask=keys[:, None] < kv_len, other=0.0)
         v = tl.load(v_ptrs, mask=keys[:, None] < kv_len, other=0.0)
     else:
         k, v = tl.load(k_ptrs), tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k)) * qk_scale                         # (BLOCK_M, BLOCK_N) fp32, log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N) fp32, log2 units
     if MASKED:
         visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] < kv_len)
         s = tl.where(visible, s, float("-inf"))
@@ -41,7 +42,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, q_pos, kv_len, qk_scal
     alpha = tl.math.exp2(m_i - m_new)                              # rescales what was summed so far
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -50,7 +51,7 @@ def flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_heads, q_len, kv_len, q
                            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                            stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # Heads vary fastest in launch order and query blocks go from last to first: the long blocks
     # (near the end of the sequence, most keys to see) start first and the short ones fill the tail.
     batch, head = tl.program_id(0) // n_heads, tl.program_id(0) % n_heads
@@ -77,15 +78,21 @@ def flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_heads, q_len, kv_len, q
     n_full = (first_pos + 1) // BLOCK_N * BLOCK_N
     for start in tl.range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * stride_ks, v_ptrs + start * stride_vs,
-                                      start + keys, q_pos, kv_len, qk_scale, MASKED=False)
+                                      start + keys, q_pos, kv_len, qk_scale, MASKED=False, PRECISION=PRECISION)
     # The diagonal: keys up to the block's last query position, masked per (query, key).
     n_end = tl.minimum(first_pos + BLOCK_M, kv_len)
     for start in tl.range(n_full, n_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs + start * stride_ks, v_ptrs + start * stride_vs,
-                                      start + keys, q_pos, kv_len, qk_scale, MASKED=True)
+                                      start + keys, q_pos, kv_len, qk_scale, MASKED=True, PRECISION=PRECISION)
 
     o_ptrs = o_ptr + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + dims[None, :]
     tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=rows[:, None] < q_len)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 inputs would otherwise take the tensor cores' tf32 path (10-bit
+    mantissa, ~1e-3 relative error), so ask for full fp32 ("ieee") there; fp16/bf16 are exact inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | None = None,
@@ -117,7 +124,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: 
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return o
 
 

@@ -72,7 +72,10 @@ def compare_many(reference: LLM, candidates: dict[str, tuple[LLM, str | None]], 
         ref_logits = reference.logits(chunk)                                            # (len(chunk), vocab)
         nll_reference -= quality.token_log_probs(ref_logits, chunk).double().sum().item()
         for name, (candidate, kv_cache) in candidates.items():
-            cand_logits = cached_logits(candidate, chunk, kv_cache) if kv_cache else candidate.logits(chunk)
+            if kv_cache:
+                cand_logits = cached_logits(candidate, chunk, kv_cache)
+            else:   # the reference scored against itself (the table's baseline row) costs nothing more
+                cand_logits = ref_logits if candidate is reference else candidate.logits(chunk)
             s = sums[name]
             s["nll"] -= quality.token_log_probs(cand_logits, chunk).double().sum().item()
             ref, cand = ref_logits[:-1], cand_logits[:-1]      # the last row predicts past the window
