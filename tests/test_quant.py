@@ -199,10 +199,12 @@ def test_int4_layer_rejects_group_sizes_the_kernel_cannot_take(group_size, messa
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
-def test_cuda_layers_match_the_dequantized_matmul(weights):
+@pytest.mark.parametrize("seq", [3, 40], ids=["decode-sized", "prefill-sized"])   # int4: kernel / cuBLAS
+def test_cuda_layers_match_the_dequantized_matmul(weights, seq):
     if weights == "int4":
         pytest.importorskip("llmlab.kernels.int4_gemv")
-    w, x = random_weights(576, 1536, seed=3).cuda(), activations(1536).cuda()
+    w = random_weights(576, 1536, seed=3).cuda()
+    x = torch.randn(2, seq, 1536, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).cuda()
     layer = quantized_linear(w, weights, None, torch.bfloat16)
     assert max_relative_error(layer(x), F.linear(x.float(), layer.dequantize())) < KERNEL_TOLERANCE
 
