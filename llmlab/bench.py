@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -168,6 +169,50 @@ class HFEngine:
         return time.perf_counter() - start
 
 
+class LlamaCppEngine:
+    """llama.cpp, through llama-cpp-python (the optional `peers` extra), on the same GGUF file with its
+    own kernels for the file's formats (Q4_1 here): prefill = eval(prompt) into a fresh cache; decode
+    = eval of one token at a time, each followed by the argmax of its logits, as llmlab's loop does."""
+
+    name = "llamacpp"
+
+    def __init__(self, path: str, n_ctx: int, threads: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise LlmlabError("--compare llamacpp needs llama-cpp-python: pip install -e '.[peers]' "
+                              "(it compiles llama.cpp, about 10 minutes)") from None
+        if not path.endswith(".gguf"):
+            raise LlmlabError(f"--compare llamacpp runs a .gguf file; {path} is not one")
+        self.llama_cpp = llama_cpp
+        self.model = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+    def last_logits(self) -> np.ndarray:
+        # read from the context itself: Llama.scores is filled only when every position's logits are kept
+        row = self.llama_cpp.llama_get_logits_ith(self.model.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.model.n_vocab(),))
+
+    def _next_token(self) -> int:
+        return int(np.argmax(self.last_logits()))
+
+    def prefill_seconds(self, ids: list[int]) -> float:
+        self.model.reset()
+        start = time.perf_counter()
+        self.model.eval(ids)
+        return time.perf_counter() - start
+
+    def decode_seconds(self, ids: list[int], n: int) -> float:
+        self.model.reset()
+        self.model.eval(ids)
+        token = self._next_token()
+        start = time.perf_counter()
+        for _ in range(n):
+            self.model.eval([token])
+            token = self._next_token()
+        return time.perf_counter() - start
+
+
 def _require_transformers():
     try:
         import transformers
@@ -260,6 +305,14 @@ def method_text(settings: BenchSettings, engines: list[str], device: torch.devic
             "calls, as it does in use. Engines take turns "
             "each round (llmlab, hf, llmlab, hf, ...), prefill then decode. Ratio = llmlab median / hf median "
             "tok/s (above 1: llmlab is faster)."
+        )
+    if "llamacpp" in engines:
+        text += (
+            " Peer: llama.cpp through llama-cpp-python, in the same process, on the same GGUF file (its own "
+            "kernels for the file's quantized formats), same thread count and prompt ids; prefill = eval(prompt) "
+            "after reset(); decode = eval([token]) then the argmax of its logits, one token at a time. Engines "
+            "take turns each round; ratio_over_llmlab_static gives llamacpp / llmlab and every llmlab engine / "
+            "llmlab, so llmlab-X / llamacpp is the quotient of the two."
         )
     return text
 
@@ -425,8 +478,8 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
         parse_weights(w, None if w in ("fp32", "bf16", "fp16") else dtype, group_size if w == "int4" else None)
     parse_dtype(dtype)
     dev = parse_device(device)
-    if compare not in (None, "hf"):
-        raise LlmlabError(f"unknown peer {compare!r}; the one peer is 'hf' (Hugging Face transformers)")
+    if compare not in (None, "hf", "llamacpp"):
+        raise LlmlabError(f"unknown peer {compare!r}; choose 'hf' (Hugging Face transformers) or 'llamacpp'")
     unknown = [k for k in kv_caches if k not in KV_CACHES]
     if unknown or not kv_caches:
         raise LlmlabError(f"unknown KV cache {unknown[0] if unknown else ''!r} (--kv-cache); choose from: {', '.join(KV_CACHES)}")
@@ -434,7 +487,7 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
         threads = 2
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise LlmlabError(f"threads (--threads) must be an integer >= 1, got {threads!r}")
-    if compare or tokenizer:
+    if compare == "hf" or tokenizer:
         _require_transformers()
     source = str(model) if model is not None else str(bundled_model_path())
     previous_threads = torch.get_num_threads()
@@ -476,6 +529,13 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         other = load(source, dtype=None if w in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
                      weights=w, group_size=group_size if w == "int4" else None, **switches)
         engines.append(LlmlabEngine(other, weights=w))
+    if compare == "llamacpp":
+        progress(f"loading {source} in llama.cpp")
+        start = time.perf_counter()
+        n_ctx = max((settings.prompt_tokens, *contexts)) + settings.new_tokens
+        engines.append(LlamaCppEngine(source, n_ctx, torch.get_num_threads()))
+        load_seconds["llamacpp"] = time.perf_counter() - start
+        llama_cpp_version = importlib.metadata.version("llama-cpp-python")
     if compare == "hf":
         progress(f"loading {source} in {dtype} on {dev} (Hugging Face transformers)")
         start = time.perf_counter()
@@ -487,7 +547,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "device": device_name(dev),
         "device_type": dev.type,
         "threads": torch.get_num_threads(),
-        "versions": versions(with_transformers=bool(compare or tokenizer)),
+        "versions": versions(with_transformers=bool(compare == "hf" or tokenizer)),
         "model": source,
         "dtype": dtype,
         "fused_projections": fused,
@@ -501,6 +561,8 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
         "results": measure(engines, ids, settings, progress),
     }
     # the 1-minute load average, to tell a quiet machine's numbers from a shared one's
+    if compare == "llamacpp":
+        report["versions"]["llama_cpp_python"] = llama_cpp_version
     report["load_average"] = {"before": load_before, "after": load_average(), "n_cpus": os.cpu_count()}
     results = report["results"]
     if "llmlab" in results and len(results) > 1:

@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every engine (default 2 on CPU)")
-    p.add_argument("--compare", choices=["hf"], help="also measure Hugging Face transformers, taking turns")
+    p.add_argument("--compare", choices=["hf", "llamacpp"],
+                   help="also measure Hugging Face transformers, or llama.cpp on the same GGUF (the [peers] "
+                        "extra), taking turns")
     p.add_argument("--kv-cache", default="static", metavar="KINDS",
                    help="KV cache(s) for llmlab, comma-separated, measured in the same rounds: "
                         "static, paged, int8, bf16, fp16 (default static)")

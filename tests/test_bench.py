@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,27 @@ def test_weight_formats_are_measured_in_the_same_rounds():
     assert report["ratio_over_llmlab_static"]["llmlab-int8"]["decode"] > 0
     with pytest.raises(LlmlabError, match="unknown weights"):
         bench.run(None, settings=TINY, weights=("int3",))
+
+
+def test_llamacpp_peer_needs_its_extra_and_a_gguf(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)            # as if the [peers] extra were absent
+    with pytest.raises(LlmlabError, match=r"pip install -e '\.\[peers\]'"):
+        bench.LlamaCppEngine("model.gguf", 64, 1)
+    monkeypatch.undo()
+    pytest.importorskip("llama_cpp")
+    with pytest.raises(LlmlabError, match="runs a .gguf file"):
+        bench.LlamaCppEngine(str(tmp_path), 64, 1)
+
+
+def test_llamacpp_peer_runs_the_same_file_greedily(llm, gguf_path):
+    """llama.cpp is an independent engine on the same Q4_1 file (it multiplies against 8-bit-quantized
+    activations, so its logits differ slightly): its greedy first token must still be llmlab's."""
+    pytest.importorskip("llama_cpp")
+    engine = bench.LlamaCppEngine(str(gguf_path), 128, 2)
+    ids = llm.tokenizer.encode("The capital of France is")
+    assert engine.prefill_seconds(ids) > 0
+    ours = llm.logits(ids)[-1]
+    assert engine._next_token() == int(ours.argmax())
+    # logits of size ~20; 8-bit activations move them by a few tenths, a wrong model by far more
+    assert np.abs(engine.last_logits() - ours.numpy()).max() < 2.0
+    assert engine.decode_seconds(ids, 5) > 0 and engine.model.n_tokens == len(ids) + 5
