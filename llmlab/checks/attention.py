@@ -13,17 +13,13 @@ import torch
 from llmlab.config import ModelConfig
 from llmlab.model import Attention
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def check_logsumexp(logsumexp) -> None:
     """`logsumexp(z)`: log Σ_j exp(z_j) over the last dimension, finite for huge scores and masked (-inf) ones."""
     # a function that still returns the placeholder None counts as unanswered
-    if _unanswered(logsumexp and logsumexp(torch.zeros(1, 2)), "logsumexp"):
+    if unanswered(logsumexp and logsumexp(torch.zeros(1, 2)), "logsumexp"):
         return
     gen = torch.Generator().manual_seed(3)
     cases = {
@@ -52,7 +48,7 @@ def _attention_parameters(config: ModelConfig) -> int:
 
 def check_mha_parameters(answer, config: ModelConfig) -> None:
     """`answer`: the attention parameters of all layers if every query head had its own key/value head."""
-    if _unanswered(answer, "mha_params"):
+    if unanswered(answer, "mha_params"):
         return
     expected = _attention_parameters(replace(config, n_kv_heads=config.n_heads))
     gqa = _attention_parameters(config)
@@ -67,7 +63,7 @@ def check_mha_parameters(answer, config: ModelConfig) -> None:
 
 def check_score_matrix_bytes(answer, config: ModelConfig, seq_len: int, bytes_per_value: int = 4) -> None:
     """`answer`: bytes of one layer's score matrices (all query heads) for `seq_len` tokens."""
-    if _unanswered(answer, "score_matrix_bytes"):
+    if unanswered(answer, "score_matrix_bytes"):
         return
     dtype = {2: torch.float16, 4: torch.float32}[bytes_per_value]
     expected = torch.empty(config.n_heads, seq_len, seq_len, dtype=dtype, device="meta").nbytes

@@ -13,11 +13,7 @@ import torch
 
 from llmlab.model import rope_cos_sin
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def file_bytes_and_weights(path: Path) -> tuple[int, int]:
@@ -29,7 +25,7 @@ def file_bytes_and_weights(path: Path) -> tuple[int, int]:
 def check_file_bytes(answer, path: Path) -> None:
     """`answer`: bytes of the model's tensor data in the GGUF file at `path`, predicted from the
     parameter counts and the block formats (Q4_1: 20 bytes per 32 weights, Q8_0: 34, F32: 4 each)."""
-    if _unanswered(answer, "file_bytes"):
+    if unanswered(answer, "file_bytes"):
         return
     measured, n_weights = file_bytes_and_weights(path)
     assert answer == measured, (
@@ -60,7 +56,7 @@ def lens_top_tokens(llm, ids: list[int]) -> list[int]:
 def check_lens_layer(answer, llm, prompt: str) -> None:
     """`answer`: the first block (counted from 1) after which the logit lens's top token for the last
     position of `prompt` is the model's final prediction."""
-    if _unanswered(answer, "first_layer"):
+    if unanswered(answer, "first_layer"):
         return
     tops = lens_top_tokens(llm, llm.tokenizer.encode(prompt))
     final = tops[-1]

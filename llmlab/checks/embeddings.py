@@ -13,16 +13,12 @@ from llmlab.config import ModelConfig
 from llmlab.gguf import unpermute_qk
 from llmlab.model import apply_rope, rope_cos_sin
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def check_nearest_tokens(answer, table: torch.Tensor, token_id: int, k: int = 5) -> None:
     """`answer`: the ids of the k rows of `table` most cosine-similar to row `token_id`, itself excluded."""
-    if _unanswered(answer, "nearest_ids"):
+    if unanswered(answer, "nearest_ids"):
         return
     got = [int(i) for i in answer]
     cosine = F.cosine_similarity(table, table[token_id][None], dim=-1)
@@ -55,7 +51,7 @@ def check_rope_adjacent(rope_adjacent, config: ModelConfig) -> None:
     order = adjacent_pairs_order(d)
     x = torch.randn(d, generator=torch.Generator().manual_seed(2))
     # a function that still returns the placeholder None counts as unanswered
-    if _unanswered(rope_adjacent and rope_adjacent(x[order], 0), "rope_adjacent"):
+    if unanswered(rope_adjacent and rope_adjacent(x[order], 0), "rope_adjacent"):
         return
     for pos in (0, 1, 3, 100):
         cos, sin = rope_cos_sin(torch.tensor([pos]), d, config.rope_theta, torch.float32)
@@ -75,7 +71,7 @@ def check_rope_adjacent(rope_adjacent, config: ModelConfig) -> None:
 
 def check_slow_pairs(answer, config: ModelConfig) -> None:
     """`answer`: how many RoPE pairs never turn a full circle within the model's context."""
-    if _unanswered(answer, "slow_pairs"):
+    if unanswered(answer, "slow_pairs"):
         return
     positions = torch.arange(config.max_seq_len)
     _, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)

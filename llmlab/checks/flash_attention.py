@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def check_online_update(online_update) -> None:
@@ -30,7 +26,7 @@ def check_online_update(online_update) -> None:
         return torch.full((rows,), float("-inf")), torch.zeros(rows), torch.zeros(rows, d)
 
     first = online_update(*start(), torch.randn(rows, block, generator=gen), torch.randn(block, d, generator=gen))
-    if _unanswered(first, "online_update"):
+    if unanswered(first, "online_update"):
         return
     assert isinstance(first, tuple) and len(first) == 3, "return the three running quantities: (m, l, acc)"
     for scale in (1.0, 60.0):
@@ -77,7 +73,7 @@ def check_merge(merge) -> None:
     q = torch.randn(heads, d, generator=gen)
     keys, v = torch.randn(n_keys, d, generator=gen), torch.randn(n_keys, d, generator=gen)
     first = merge(*_partial(q @ keys[:50].T, v[:50]), *_partial(q @ keys[50:].T, v[50:]))
-    if _unanswered(first, "merge"):
+    if unanswered(first, "merge"):
         return
     assert isinstance(first, tuple) and len(first) == 2, "return (o, lse)"
     for scale in (0.25, 40.0):                           # 40: log-sum-exps of several hundred; e^lse overflows

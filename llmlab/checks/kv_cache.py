@@ -11,11 +11,7 @@ import torch
 from llmlab.config import ModelConfig
 from llmlab.kv_cache import KVCache
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def llama3_70b_config() -> ModelConfig:
@@ -26,7 +22,7 @@ def llama3_70b_config() -> ModelConfig:
 
 def check_70b_kv_bytes(answer, seq_len: int = 8192, batch: int = 1) -> None:
     """`answer`: bytes of Llama-3-70B's bf16 KV cache for `batch` sequences of `seq_len` tokens."""
-    if _unanswered(answer, "kv_bytes_70b"):
+    if unanswered(answer, "kv_bytes_70b"):
         return
     config = llama3_70b_config()
     expected = KVCache(config, seq_len, batch, dtype=torch.bfloat16, device="meta").nbytes
@@ -48,7 +44,7 @@ def check_append(append_kv) -> None:
     batch, heads, max_len, head_dim = 2, config.n_kv_heads, 12, config.head_dim
     k_buf = torch.zeros(batch, heads, max_len, head_dim)
     v_buf = torch.zeros_like(k_buf)
-    if _unanswered(append_kv(k_buf, v_buf, 0, k_buf[:, :, :1].clone(), v_buf[:, :, :1].clone()), "append_kv"):
+    if unanswered(append_kv(k_buf, v_buf, 0, k_buf[:, :, :1].clone(), v_buf[:, :, :1].clone()), "append_kv"):
         return
     k_buf.zero_(), v_buf.zero_()
     reference = KVCache(config, max_len, batch)

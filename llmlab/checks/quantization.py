@@ -14,14 +14,10 @@ import numpy as np
 from llmlab.gguf import GGUFFile
 from llmlab.llm import bundled_model_path
 
+from . import unanswered
+
 BLOCK = 32                    # weights per Q4_1 block
 Q4_1_BLOCK_BYTES = 2 + 2 + BLOCK // 2   # fp16 d, fp16 m, 32 nibbles
-
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
 
 
 @functools.cache
@@ -51,7 +47,7 @@ def _q8_0_row(name: str, row: int) -> np.ndarray:
 
 def check_q4_1_bytes(answer) -> None:
     """`answer`: the bytes that all the Q4_1 tensors of the shipped file take."""
-    if _unanswered(answer, "q4_1_bytes"):
+    if unanswered(answer, "q4_1_bytes"):
         return
     file = _file()
     names = [name for name, t in file.tensors.items() if t.type_name == "Q4_1"]
@@ -72,7 +68,7 @@ def check_q4_1_bytes(answer) -> None:
 def check_q4_1_block(quantize_block) -> None:
     """`quantize_block(w)`: 32 float32 weights -> (d, m, q), Q4_1's scale, minimum and 32 integers in
     0..15, with w ≈ d * q + m."""
-    if _unanswered(quantize_block(np.linspace(-1, 1, BLOCK, dtype=np.float32)), "quantize_block"):
+    if unanswered(quantize_block(np.linspace(-1, 1, BLOCK, dtype=np.float32)), "quantize_block"):
         return
     rng = np.random.default_rng(9)
     outlier = rng.normal(0, 0.02, BLOCK).astype(np.float32)
@@ -118,7 +114,7 @@ def check_q4_1_block(quantize_block) -> None:
 
 def check_pack_q4_1(pack_block) -> None:
     """`pack_block(q)`: 32 values in 0..15 -> the 16 bytes a Q4_1 block stores them in (uint8)."""
-    if _unanswered(pack_block(np.zeros(BLOCK, dtype=np.uint8)), "pack_block"):
+    if unanswered(pack_block(np.zeros(BLOCK, dtype=np.uint8)), "pack_block"):
         return
     for name in ("blk.0.attn_q.weight", "blk.15.ffn_down.weight"):
         for b, block in enumerate(_q4_1_blocks(name, 1)[:6]):

@@ -13,13 +13,9 @@ import torch
 
 from llmlab.sampling import min_p_filter, top_p_filter
 
+from . import unanswered
+
 PROMPTS = ["The capital of France is", "Once upon a time, there was a", "To be, or not to be,"]
-
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
 
 
 def _next_token_logits(llm) -> list[torch.Tensor]:
@@ -44,7 +40,7 @@ def _reaches_p_within_rounding(logits: torch.Tensor, p: float, n: int) -> bool:
 def check_nucleus_size(nucleus_size, llm) -> None:
     """`nucleus_size(probs, p)`: how many tokens top-p keeps from the probabilities `probs` (vocab,)."""
     all_logits = _next_token_logits(llm)
-    if _unanswered(nucleus_size(all_logits[0].softmax(-1), 0.9), "nucleus_size"):
+    if unanswered(nucleus_size(all_logits[0].softmax(-1), 0.9), "nucleus_size"):
         return
     # Equal logits give probabilities of exactly 1/4: the running sum lands exactly on p = 0.5.
     exact = torch.tensor([1.0, 1.0, 1.0, 1.0])
@@ -67,7 +63,7 @@ def check_min_p_cutoff(min_p_cutoff, llm) -> None:
     """`min_p_cutoff(logits, min_p)`: the logit value c such that min-p keeps exactly the tokens with
     z_i >= c."""
     all_logits = _next_token_logits(llm)
-    if _unanswered(min_p_cutoff(all_logits[0], 0.1), "min_p_cutoff"):
+    if unanswered(min_p_cutoff(all_logits[0], 0.1), "min_p_cutoff"):
         return
     for prompt, logits in zip(PROMPTS, all_logits):
         for min_p in (0.01, 0.1, 0.5):

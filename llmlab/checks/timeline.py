@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import torch
 
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
+from . import unanswered
 
 
 def check_intensity(intensity) -> None:
     """`intensity(m, k, n, bytes_per_value)`: FLOP per byte of (m x k) @ (k x n), reading both inputs
     once and writing the output once."""
-    if _unanswered(intensity(1, 8, 8, 2), "intensity"):
+    if unanswered(intensity(1, 8, 8, 2), "intensity"):
         return
     shapes = [(1, 576, 1536, 2), (1, 576, 1536, 4), (512, 576, 1536, 2), (1, 4096, 14336, 2), (7, 33, 5, 1)]
     for m, k, n, s in shapes:
@@ -35,7 +31,7 @@ def check_intensity(intensity) -> None:
 def check_decode_ceiling(answer, model: torch.nn.Module, bandwidth: float) -> None:
     """`answer`: the most tokens per second a batch-1 decode can reach if every weight is read once per
     token at `bandwidth` bytes/s (the memory roof; the KV cache and activations ignored)."""
-    if _unanswered(answer, "max_decode_tok_s"):
+    if unanswered(answer, "max_decode_tok_s"):
         return
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied head: once
     expected = bandwidth / weight_bytes

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from llmlab.tokenizer import Tokenizer, bytes_to_unicode, train_bpe
 
+from . import unanswered
+
 # The edges of UTF-8's four lengths (1 byte up to U+007F, 2 up to U+07FF, 3 up to U+FFFF, else 4),
 # and characters readers meet: "A", "é", "€", "世", "😀".
 EDGES = [0x00, 0x41, 0x7F, 0x80, 0xE9, 0x7FF, 0x800, 0x20AC, 0x4E16, 0xFFFF, 0x10000, 0x1F600, 0x10FFFF]
@@ -17,19 +19,13 @@ WORDS = ["Hello", " the", " tokenization", " Shakespeare", " unbelievable", " th
          " héllo", "!!!", " 世界", " 🤗"]
 
 
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
-
-
 def _bits(data: bytes) -> str:
     return " ".join(f"{b:08b}" for b in data)
 
 
 def check_utf8_encode(utf8_encode) -> None:
     """`utf8_encode(code_point) -> bytes` against Python's codec, on every length of UTF-8."""
-    if _unanswered(utf8_encode, "utf8_encode"):
+    if unanswered(utf8_encode, "utf8_encode"):
         return
     code_points = EDGES + [c for c in range(0, 0x110000, 1009) if c not in SURROGATES]
     for c in code_points:
@@ -49,7 +45,7 @@ def check_utf8_encode(utf8_encode) -> None:
 def check_bpe_encode(bpe_encode, tokenizer: Tokenizer) -> None:
     """`bpe_encode(word, ranks) -> list of tokens` against `Tokenizer.bpe`, on `tokenizer` and on a
     tiny vocabulary trained here where the longest match from the left gives the wrong answer."""
-    if _unanswered(bpe_encode, "bpe_encode"):
+    if unanswered(bpe_encode, "bpe_encode"):
         return
     spell = bytes_to_unicode()
     tiny = train_bpe("bc\nbc\nbc\nbc\nab\nab", 300).tokenizer()   # merges "b c", then "a b"
@@ -68,7 +64,7 @@ def check_bpe_encode(bpe_encode, tokenizer: Tokenizer) -> None:
 
 def check_chat_ids(ids, messages: list[dict], tokenizer: Tokenizer) -> None:
     """Ids built by hand for a conversation against `tokenizer.encode_chat` (the chat template)."""
-    if _unanswered(ids, "chat_ids"):
+    if unanswered(ids, "chat_ids"):
         return
     expected = tokenizer.encode_chat(messages, add_generation_prompt=True)
     ids = list(ids)

@@ -13,13 +13,9 @@ import torch
 import llmlab.kernels  # noqa: F401 -- before triton: `import llmlab` switches on its interpreter when there is no GPU
 import triton
 
+from . import unanswered
+
 SENTINEL = 12345.0      # what the padding after `out` holds; a store past the end overwrites it
-
-
-def _unanswered(answer, name: str) -> bool:
-    if answer is None:
-        print(f"Fill in {name} above, then run this cell again.")
-    return answer is None
 
 
 def _device() -> str:
@@ -35,7 +31,7 @@ def _padded(values: torch.Tensor, pad: int, fill: float) -> tuple[torch.Tensor, 
 
 def check_scaled_add(scaled_add_kernel) -> None:
     """`scaled_add_kernel(x_ptr, y_ptr, out_ptr, a, n, BLOCK)`: out = a * x + y, launched on cdiv(n, BLOCK) programs."""
-    if _unanswered(scaled_add_kernel, "scaled_add_kernel"):
+    if unanswered(scaled_add_kernel, "scaled_add_kernel"):
         return
     device = _device()
     gen = torch.Generator().manual_seed(11)
@@ -67,7 +63,7 @@ def check_scaled_add(scaled_add_kernel) -> None:
 def check_bias_relu(bias_relu_kernel) -> None:
     """`bias_relu_kernel(x_ptr, bias_ptr, out_ptr, n_cols, BLOCK)`: out = relu(x + bias), one program per row,
     BLOCK = next_power_of_2(n_cols)."""
-    if _unanswered(bias_relu_kernel, "bias_relu_kernel"):
+    if unanswered(bias_relu_kernel, "bias_relu_kernel"):
         return
     device = _device()
     gen = torch.Generator().manual_seed(12)
