@@ -135,14 +135,3 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
                for name, (weights, group_size, kv_cache) in parsed.items()}
     return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
             "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}
-
-
-def evaluate_weights(weights: str, *, group_size: int | None = None, n_tokens: int = 50_000,
-                     reference: LLM | None = None, window: int = 1024, progress: bool = True) -> dict:
-    """The bundled SmolLM2 loaded with `weights` (int8, int4, fp8, bf16, ...) against the fp32 model
-    (`reference`, loaded if not given), on n_tokens of the held-out plays."""
-    reference = reference or load(weights="fp32")
-    candidate = load(weights=weights, group_size=group_size)
-    ids = held_out_ids(reference.tokenizer, n_tokens)
-    return {"weights": weights, "group_size": group_size,
-            **compare(reference, candidate, ids, window=window, progress=progress)}
