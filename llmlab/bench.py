@@ -317,21 +317,29 @@ def method_text(settings: BenchSettings, engines: list[str], device: torch.devic
     return text
 
 
-def measure(engines: list, ids: list[int], settings: BenchSettings, progress=None) -> dict:
-    """Run every engine `warmup + runs` rounds, taking turns; return each engine's timed runs."""
-    results = {e.name: {"prefill_s": [], "decode_s": []} for e in engines}
+def take_turns(engines: list, settings: BenchSettings, run_one, progress=None, label: str = "") -> dict[str, list]:
+    """Every engine `warmup + runs` rounds, taking turns (so a slow spell of the machine hits all of
+    them); each engine's results of run_one(engine) from the timed rounds."""
+    kept = {e.name: [] for e in engines}
     rounds = settings.warmup + settings.runs
     for r in range(rounds):
         timed = r >= settings.warmup
         if progress:
-            progress(f"round {r + 1}/{rounds}" + ("" if timed else " (warm-up)"))
+            progress(f"{label}round {r + 1}/{rounds}" + ("" if timed else " (warm-up)"))
         for engine in engines:
-            p = engine.prefill_seconds(ids)
-            d = engine.decode_seconds(ids, settings.new_tokens)
+            result = run_one(engine)
             if timed:
-                results[engine.name]["prefill_s"].append(p)
-                results[engine.name]["decode_s"].append(d)
-    for r in results.values():
+                kept[engine.name].append(result)
+    return kept
+
+
+def measure(engines: list, ids: list[int], settings: BenchSettings, progress=None) -> dict:
+    """Prefill then decode for every engine, taking turns; return each engine's timed runs."""
+    runs = take_turns(engines, settings,
+                      lambda e: (e.prefill_seconds(ids), e.decode_seconds(ids, settings.new_tokens)), progress)
+    results = {}
+    for name, timed in runs.items():
+        r = results[name] = {"prefill_s": [p for p, _ in timed], "decode_s": [d for _, d in timed]}
         r["prefill_tok_s"] = [settings.prompt_tokens / s for s in r["prefill_s"]]
         r["decode_tok_s"] = [settings.new_tokens / s for s in r["decode_s"]]
         r["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"])
@@ -346,14 +354,8 @@ def measure_contexts(engines: list, llm: LLM, contexts: tuple[int, ...], setting
     by_context = {}
     for context in contexts:
         ids = bench_prompt(llm, context)[0]
-        runs = {e.name: [] for e in engines}
-        for r in range(settings.warmup + settings.runs):
-            if progress:
-                progress(f"context {context}: round {r + 1}/{settings.warmup + settings.runs}")
-            for engine in engines:
-                seconds = engine.decode_seconds(ids, settings.new_tokens)
-                if r >= settings.warmup:
-                    runs[engine.name].append(settings.new_tokens / seconds)
+        runs = take_turns(engines, settings, lambda e: settings.new_tokens / e.decode_seconds(ids, settings.new_tokens),
+                          progress, f"context {context}: ")
         entry = {name: {"decode_tok_s": tok_s, "decode_tok_s_median": statistics.median(tok_s)}
                  for name, tok_s in runs.items()}
         if "hf" in entry and "llmlab" in entry:
@@ -465,6 +467,13 @@ def versions(with_transformers: bool) -> dict:
     return v
 
 
+def format_options(weights: str | None, dtype: str, group_size: int | None) -> dict:
+    """load()'s weights/dtype/group_size for one engine of --weights: a float format is its own dtype,
+    a quantized one runs its activations in --dtype, and only int4 takes a group size."""
+    return {"weights": weights, "dtype": None if weights in ("fp32", "bf16", "fp16") else dtype,
+            "group_size": group_size if weights == "int4" else None}
+
+
 def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", threads: int | None = None,
         compare: str | None = None, settings: BenchSettings = BenchSettings(), tokenizer: bool = False,
         progress=None, kv_caches: tuple[str, ...] = ("static",), contexts: tuple[int, ...] = (),
@@ -475,7 +484,7 @@ def run(model: str | None = None, *, dtype: str = "fp32", device: str = "cpu", t
     weights: several weight formats measured in the same rounds ("fp32", "int8", "int4", ...): the
     first is the baseline "llmlab", the others "llmlab-int8", ...; dtype then sets the activations."""
     for w in weights:
-        parse_weights(w, None if w in ("fp32", "bf16", "fp16") else dtype, group_size if w == "int4" else None)
+        parse_weights(**format_options(w, dtype, group_size))
     parse_dtype(dtype)
     dev = parse_device(device)
     if compare not in (None, "hf", "llamacpp"):
@@ -516,8 +525,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     progress(f"loading {source} in {dtype} on {dev} (llmlab)")
     start = time.perf_counter()
     first = weights[0] if weights else None
-    llm = load(source, dtype=None if first in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
-               weights=first, group_size=group_size if first == "int4" else None, **switches)
+    llm = load(source, device=str(dev), fused=fused, **format_options(first, dtype, group_size), **switches)
     load_seconds = {"llmlab": time.perf_counter() - start}
     settings.check(llm.config)
     for context in contexts:
@@ -526,8 +534,7 @@ def _run(source: str, dtype: str, dev: torch.device, compare: str | None, settin
     engines = [LlmlabEngine(llm, kind) for kind in dict.fromkeys(kv_caches)]
     for w in weights[1:]:
         progress(f"loading {source} with {w} weights on {dev} (llmlab)")
-        other = load(source, dtype=None if w in ("fp32", "bf16", "fp16") else dtype, device=str(dev), fused=fused,
-                     weights=w, group_size=group_size if w == "int4" else None, **switches)
+        other = load(source, device=str(dev), fused=fused, **format_options(w, dtype, group_size), **switches)
         engines.append(LlmlabEngine(other, weights=w))
     if compare == "llamacpp":
         progress(f"loading {source} in llama.cpp")
