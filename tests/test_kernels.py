@@ -26,7 +26,8 @@ pytest.importorskip("triton")   # after llmlab.kernels, which must set TRITON_IN
 
 from llmlab.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from llmlab.kernels.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
-from llmlab.kernels.int4_gemv import int4_matmul, int4_matmul_reference, unpack_int4  # noqa: E402
+from llmlab.kernels.int4_gemv import int4_matmul, int4_matmul_reference  # noqa: E402
+from llmlab.quant.packing import unpack_int4  # noqa: E402
 from llmlab.kernels.matmul import matmul, matmul_reference  # noqa: E402
 from llmlab.kernels.rms_norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
                                      rms_norm_residual_reference)

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.packing import unpack_int4
+from ..quant.quantize import dequantize
+
 
 @triton.jit
 def int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, offsets_ptr, y_ptr, N, K, stride_pn, stride_sn,
@@ -106,12 +109,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, off
     return y
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K // 2) -> q uint8 (N, K) in 0..15, column 2j from the low nibble, 2j + 1 from the high."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
-
-
 def int4_matmul_reference(x, packed, scales, offsets, group_size: int) -> torch.Tensor:
-    q = unpack_int4(packed).float()                                               # (N, K)
-    w = q * scales.float().repeat_interleave(group_size, dim=1) + offsets.float().repeat_interleave(group_size, dim=1)
+    """The same product in fp32: the weights unpacked and dequantized by llmlab.quant, then a matmul.
+    (group_size is implied by the shape of scales; it is taken to keep int4_matmul's signature.)"""
+    w = dequantize(unpack_int4(packed), scales, offsets)                         # (N, K) fp32
     return (x.float() @ w.T).to(x.dtype)
