@@ -98,8 +98,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q, k, v = self.project_qkv(x)
         if self.kernels == "triton":                      # rotate q and k in place, in one kernel each
-            q, k = q.contiguous(), k.contiguous()
-            triton_kernel("rope").apply_rope_(q, k, cos, sin)
+            triton_kernel("rope").apply_rope_(q, k, cos, sin)   # strided views of the projection: no copy
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
