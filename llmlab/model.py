@@ -5,6 +5,14 @@
 
 then a final RMSNorm and the LM head (tied to the embedding in SmolLM2). One forward pass runs both
 prefill (many tokens at once) and decode (one token), reading and extending a KV cache if given.
+
+Positions come in two forms (see llmlab.kv_cache): a Python int `start_pos`, the eager reference whose
+shapes grow with the sequence, or a (batch,) tensor of each sequence's next position, the fixed-shape
+path that torch.compile and CUDA graphs need: RoPE angles are then looked up in one precomputed table,
+the cache is read whole, and attention masks what each sequence has not written.
+
+Every stage is wrapped in a marker (`with stage("mlp"):`, llmlab.stages) that does nothing unless the
+profiler listens.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from .attention import ATTENTION
 from .config import ModelConfig
 from .errors import LlmlabError
 from .kv_cache import KVCache
+from .stages import stage
 
 
 KERNELS = ("torch", "triton")
@@ -58,6 +67,21 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_table(config: ModelConfig, device, extra_positions: int = 0):
+    """cos and sin for every position 0 .. max_seq_len + extra_positions - 1, in fp32: indexed by the
+    position tensor on the fixed-shape path. The same numbers rope_cos_sin computes row by row."""
+    positions = torch.arange(config.max_seq_len + extra_positions, device=device)
+    return rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
+
+
+def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, q_len, kv_len) bool: True where query i of row b may see key j, key position <= query
+    position. query_positions (batch, q_len); key_positions (batch or 1, kv_len). Reading a whole cache,
+    the keys are its slots 0 .. max_seq_len-1: slots not yet written lie after every query, so the same
+    rule hides them."""
+    return key_positions[:, None, None, :] <= query_positions[:, None, :, None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -94,17 +118,24 @@ class Attention(nn.Module):
                 k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2),
                 v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
-    def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None):
+    def forward(self, x, cos, sin, layer: int, start_pos, cache: KVCache | None, mask=None):
         batch, seq, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        if self.kernels == "triton":                      # rotate q and k in place, in one kernel each
-            triton_kernel("rope").apply_rope_(q, k, cos, sin)   # strided views of the projection: no copy
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with stage("qkv_projections"):
+            q, k, v = self.project_qkv(x)
+        with stage("rope"):
+            if self.kernels == "triton":                      # rotate q and k in place, in one kernel each
+                # strided views of the projection: no copy. The kernel takes one (seq, head_dim) table.
+                table_cos, table_sin = (cos, sin) if cos.dim() == 2 else (cos[0, 0], sin[0, 0])
+                triton_kernel("rope").apply_rope_(q, k, table_cos, table_sin)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, start_pos, k, v)
-        out = ATTENTION[self.backend](q, k, v)                            # (batch, heads, seq, head_dim)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+            with stage("kv_cache"):
+                k, v = cache.update(layer, start_pos, k, v)
+        with stage("attention_core"):
+            out = ATTENTION[self.backend](q, k, v, mask)                  # (batch, heads, seq, head_dim)
+        with stage("output_projection"):
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class MLP(nn.Module):
@@ -147,15 +178,23 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer, start_pos, cache):
-        attended = self.attention(self.attn_norm(x), cos, sin, layer, start_pos, cache)
+    def forward(self, x, cos, sin, layer, start_pos, cache, mask=None):
+        with stage("norms"):
+            normed = self.attn_norm(x)
+        attended = self.attention(normed, cos, sin, layer, start_pos, cache, mask)
         if self.mlp_norm.kernels == "triton":
-            # the residual add fused into the norm: h = x + attended is written once, never re-read
-            normed, h = triton_kernel("rms_norm").rms_norm_residual(attended, x, self.mlp_norm.weight, self.mlp_norm.eps)
+            with stage("norms"):     # the residual add fused into the norm: h = x + attended is written once
+                normed, h = triton_kernel("rms_norm").rms_norm_residual(attended, x, self.mlp_norm.weight,
+                                                                        self.mlp_norm.eps)
         else:
-            h = x + attended
-            normed = self.mlp_norm(h)
-        return h + self.mlp(normed)
+            with stage("residual"):
+                h = x + attended
+            with stage("norms"):
+                normed = self.mlp_norm(h)
+        with stage("mlp"):
+            mixed = self.mlp(normed)
+        with stage("residual"):
+            return h + mixed
 
 
 class Transformer(nn.Module):
@@ -168,6 +207,12 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.rope_cos = self.rope_sin = None     # the fixed-shape path's table, made by make_rope_table
+
+    def make_rope_table(self, extra_positions: int = 0) -> None:
+        """Precompute cos/sin for every position (plus `extra_positions` beyond the context, which a
+        graph of several decode steps may run past the end into before the host sees a stop)."""
+        self.rope_cos, self.rope_sin = rope_table(self.config, self.embed.weight.device, extra_positions)
 
     def set_attention(self, backend: str) -> None:
         """Switch every layer's attention: the maths written out ("naive"), PyTorch's SDPA, or llmlab's
@@ -201,20 +246,36 @@ class Transformer(nn.Module):
             attention.wqkv = stack_rows(attention.wq, attention.wk, attention.wv) if fused else None
             mlp.w_gate_up = stack_rows(mlp.w_gate, mlp.w_up) if fused else None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) at positions start_pos.. -> logits (batch, seq, vocab).
 
+        start_pos: a Python int, the same for every row (the eager path), or a (batch,) tensor of each
+        row's first position (the fixed-shape path: needs make_rope_table, reads the cache whole).
         With last_only, only the last position goes through the LM head: during generation that is
         the only one we sample from, and the head is the largest matmul in the model.
         """
         seq = tokens.shape[1]
-        positions = torch.arange(start_pos, start_pos + seq, device=tokens.device)
-        x = self.embed(tokens)                                           # (batch, seq, dim)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        with stage("embedding"):
+            x = self.embed(tokens)                                       # (batch, seq, dim)
+        with stage("rope"):
+            if isinstance(start_pos, int):
+                positions = torch.arange(start_pos, start_pos + seq, device=tokens.device)
+                cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+                mask = None
+            else:
+                if self.rope_cos is None:
+                    raise LlmlabError("a tensor start_pos needs the RoPE table: call model.make_rope_table() first")
+                positions = start_pos[:, None] + torch.arange(seq, device=tokens.device)   # (batch, seq)
+                # (batch, 1, seq, head_dim): one row of angles per sequence, shared by its heads
+                cos, sin = (table[positions].to(x.dtype)[:, None] for table in (self.rope_cos, self.rope_sin))
+                keys_at = positions if cache is None else torch.arange(cache.max_seq_len, device=tokens.device)[None]
+                mask = attention_mask(positions, keys_at)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, start_pos, cache)
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(x)
+            x = block(x, cos, sin, i, start_pos, cache, mask)
+        with stage("norms"):
+            x = self.norm(x)
+        with stage("lm_head"):
+            if last_only:
+                x = x[:, -1:]
+            return self.head(x)

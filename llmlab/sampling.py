@@ -174,3 +174,58 @@ def sample(logits: torch.Tensor, params: SamplingParams, *, previous_ids=None,
         logits = min_p_filter(logits, params.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# --- on the device, inside a fixed-shape step --------------------------------------------------
+# `sample` above draws with torch.multinomial and a torch.Generator: a stateful generator that
+# torch.compile cannot trace and a CUDA graph would replay with the same numbers. The generation loop
+# draws instead with a *counter-based* random number: a hash of (seed, position, token id), so the
+# draw for a given position is a pure function of its inputs. It needs no state, costs a few integer
+# operations per logit, gives the same tokens eager, compiled or replayed from a graph, on any device
+# (integer maths is exact), and repeats for the same seed.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds), computed in int64 so nothing overflows:
+    every value stays below 2^32 and the multiplier is below 2^27."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniform(seed: torch.Tensor, position: torch.Tensor, n: int) -> torch.Tensor:
+    """(batch, n) float32 uniforms in (0, 1), one for each token id at each row's position.
+
+    seed, position: (batch,) int64. 24 random bits per number, enough that a float32 holds it exactly."""
+    token_ids = torch.arange(n, device=position.device)
+    key = _mix32((position & _MASK32) + _mix32(seed & _MASK32)) & _MASK32           # (batch,)
+    bits = _mix32(((key[:, None] + _mix32(token_ids)[None]) & _MASK32) ^ (seed[:, None] >> 32))
+    return ((bits >> 8).float() + 0.5) / 2.0**24
+
+
+def sample_on_device(logits: torch.Tensor, params: SamplingParams, seed: torch.Tensor, position: torch.Tensor,
+                     seen: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample`'s pipeline on (batch, vocab) logits with fixed shapes and no host sync; returns (batch,).
+
+    seen (batch, vocab) bool marks the tokens already in each text, for the repetition penalty (the
+    same rule as apply_repetition_penalty, as a mask instead of a list that grows). The draw is the
+    exponential race: token i wins with probability p_i when each gets time E_i / p_i, E_i = -ln U_i
+    exponential, and the first to arrive wins (the Gumbel-max trick, in another form)."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, params.temperature)
+    if params.top_k is not None:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p is not None:
+        logits = top_p_filter(logits, params.top_p)
+    if params.min_p is not None:
+        logits = min_p_filter(logits, params.min_p)
+    probs = logits.softmax(dim=-1)
+    arrival = -torch.log(counter_uniform(seed, position, logits.shape[-1])) / probs   # removed tokens: inf
+    return arrival.argmin(dim=-1)

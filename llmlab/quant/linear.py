@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LlmlabError
+from ..options import INT4_GROUP_SIZES, QUANTIZED_WEIGHTS
 from .packing import pack_int4, unpack_int4
 from .quantize import dequantize, quantize_asymmetric, quantize_fp8, quantize_symmetric
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)   # what the CPU int4 kernel accepts
+
 PREFILL_ROWS = 16                       # above this many tokens, CUDA int4 unpacks and uses cuBLAS
 
 
@@ -130,7 +131,6 @@ class Fp8Linear(nn.Module):
         return dequantize(self.weight, self.scale[:, None])
 
 
-QUANTIZED_WEIGHTS = ("int8", "int4", "fp8")
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear, Fp8Linear)
 
 # The linears of each block that are quantized, as (submodule, attribute).

@@ -1,0 +1,134 @@
+"""The engine's switches, declared once: name, allowed values, default and what each means.
+
+`load(...)`, the CLI's flags (`choices=`), `llmlab bench` and every JSON report read them from here,
+so a switch is added, renamed or restricted in one place. Each switch changes *how* the engine
+computes, never *what*: each is tested against the plain path (the defaults with compile off).
+
+A leaf module: it imports nothing of the engine, so the engine's modules can import it. The modules
+that implement a switch (attention.py's ATTENTION, kv_cache.py's make_cache, ...) are tested to
+offer exactly the values listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import LlmlabError
+
+FLOAT_WEIGHTS = ("fp32", "bf16", "fp16")
+QUANTIZED_WEIGHTS = ("int8", "int4", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128, 256)   # what PyTorch's CPU int4 kernel accepts
+
+# name -> (allowed values, or a type for free values; what the switch does)
+SWITCHES = {
+    "dtype": (FLOAT_WEIGHTS, "the dtype the model computes in (fp32 unless weights= says otherwise; "
+                             "bf16 under quantized weights)"),
+    "weights": (FLOAT_WEIGHTS + QUANTIZED_WEIGHTS, "how the linear layers' weights are stored"),
+    "group_size": (INT4_GROUP_SIZES, "int4 only: how many inputs share one scale (default 32)"),
+    "fused": (bool, "one matmul for q/k/v and one for gate/up per layer, over stacked weights"),
+    "attention": (("naive", "sdpa", "triton"), "attention backend: the maths written out, PyTorch's "
+                                               "SDPA, or llmlab's Triton FlashAttention and decode kernels"),
+    "kernels": (("torch", "triton"), "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or "
+                                     "llmlab's Triton kernels"),
+    "kv_cache": (("static", "paged", "kv-int8", "kv-bf16", "kv-fp16"),
+                 "KV cache layout: one preallocated buffer (in the model's dtype, or stored as int8 / "
+                 "bf16 / fp16), or fixed-size blocks through a block table"),
+    "compile": (("none", "default", "reduce-overhead", "max-autotune"),
+                "torch.compile of the decode step (inductor: C++/OpenMP on CPU, Triton on GPU); "
+                "reduce-overhead adds inductor's own CUDA graphs"),
+    "cuda_graphs": (bool, "capture the decode step in a torch.cuda.CUDAGraph and replay it (CUDA only)"),
+    "steps_per_graph": (int, "decode steps run per compiled call / graph replay, without the host "
+                             "looking at the tokens in between (stop tokens are checked after each)"),
+}
+MAX_STEPS_PER_GRAPH = 64
+
+
+def _describe(name: str) -> str:
+    allowed = SWITCHES[name][0]
+    if allowed is bool:
+        return "True or False"
+    if allowed is int:
+        return f"an integer from 1 to {MAX_STEPS_PER_GRAPH}"
+    return "one of: " + ", ".join(map(str, allowed))
+
+
+def _valid(name: str, value) -> bool:
+    allowed = SWITCHES[name][0]
+    if allowed is bool:
+        return type(value) is bool                       # "no", 0 and None are not booleans
+    if allowed is int:
+        return type(value) is int and 1 <= value <= MAX_STEPS_PER_GRAPH
+    return type(value) in (str, int) and value in allowed and type(value) is type(allowed[0])
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Every switch of the engine. None for dtype/weights/group_size means "decide from the others"."""
+
+    dtype: str | None = None
+    weights: str | None = None
+    group_size: int | None = None
+    fused: bool = True
+    attention: str = "sdpa"
+    kernels: str = "torch"
+    kv_cache: str = "static"
+    compile: str = "none"
+    cuda_graphs: bool = False
+    steps_per_graph: int = 1
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if not _valid(f.name, value):
+                raise LlmlabError(f"{f.name}={value!r} is not a valid choice; {f.name} takes {_describe(f.name)}")
+        if self.group_size is not None and self.weights != "int4":
+            raise LlmlabError(f"group_size is for weights='int4' only, not weights={self.weights!r}")
+        if (self.weights in FLOAT_WEIGHTS and self.dtype is not None and self.dtype != self.weights):
+            raise LlmlabError(f"weights={self.weights!r} and dtype={self.dtype!r} disagree: give only one of them")
+        if self.graph_ready and self.attention == "triton":
+            raise LlmlabError("compile and cuda_graphs need attention='sdpa' or 'naive': llmlab's Triton attention "
+                              "kernels read a cache of the current length, not a full buffer under a mask")
+        if self.graph_ready and self.kv_cache == "paged":
+            raise LlmlabError("the paged KV cache stays eager (its block table grows on the host); use "
+                              "kv_cache='static' with compile or cuda_graphs")
+        if self.compile == "reduce-overhead" and self.cuda_graphs:
+            raise LlmlabError("compile='reduce-overhead' already captures CUDA graphs (inductor's); "
+                              "use it or cuda_graphs=True, not both")
+        if self.steps_per_graph > 1 and not self.graph_ready:
+            raise LlmlabError("steps_per_graph > 1 runs several decode steps per compiled call or graph: "
+                              "turn on compile or cuda_graphs as well")
+
+    @property
+    def graph_ready(self) -> bool:
+        """Whether decoding runs through the fixed-shape step (compiled and/or captured)."""
+        return self.compile != "none" or self.cuda_graphs
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model computes in."""
+        if self.weights in QUANTIZED_WEIGHTS:
+            return self.dtype or "bf16"
+        return self.weights or self.dtype or "fp32"
+
+    def changed(self) -> dict:
+        """The switches set away from their defaults: what names an engine in a report."""
+        defaults = EngineOptions()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
+    def name(self, prefix: str = "llmlab") -> str:
+        """A name that says every switch set away from the default, e.g. llmlab[weights=int8,kv_cache=kv-int8]."""
+        changed = self.changed()
+        return prefix + ("[" + ",".join(f"{k}={v}" for k, v in changed.items()) + "]" if changed else "")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "model_dtype": self.model_dtype}
+
+
+def engine_options(**switches) -> EngineOptions:
+    """EngineOptions from keyword switches, with a clear error for a name that is not a switch."""
+    unknown = sorted(switches.keys() - SWITCHES.keys())
+    if unknown:
+        raise LlmlabError(f"unknown switch(es) {', '.join(unknown)}; the engine's switches are: {', '.join(SWITCHES)}")
+    return EngineOptions(**switches)
