@@ -1,49 +1,59 @@
-"""Where the time goes: per-stage timers for one real generation, and FLOP and byte counts per stage.
+"""Where the time goes: per-stage timers around one real generation, and FLOP and byte counts per stage.
 
-`profile_generation` runs a prefill and a decode loop that call the model's own modules one stage at a
-time (the same operations, in the same order, as `Transformer.forward`, so the logits are identical)
-with a timer around each stage:
+`profile_generation` runs the engine's own eager loop (llmlab.generate: `prefill`, `decode_one_token`,
+`sample_on_device`) with a timer listening to the stage markers of `Transformer.forward`
+(llmlab.stages). What is timed is the real forward under whatever switches the model was loaded
+with (attention backend, Triton or PyTorch kernels, fused projections, weight format, KV cache), so
+the tokens and logits are the engine's, bit for bit. The stages:
 
     tokenization   text -> ids (prefill only)
     embedding      ids -> rows of the embedding table
-    norms          every RMSNorm: two per layer and the final one
-    qkv_projections  x W_q^T, x W_k^T, x W_v^T
-    rope           the cos/sin tables and their rotation of q and k
+    norms          every RMSNorm: two per layer and the final one (with kernels="triton" the residual
+                   add before each MLP norm is fused into it, so that add is timed here)
+    qkv_projections  x W_q^T, x W_k^T, x W_v^T (one matmul when fused)
+    rope           the cos/sin angles and their rotation of q and k (in place with kernels="triton")
     kv_cache       allocating the cache (prefill) and writing the new keys and values into it
     attention_core scores, softmax and the weighted sum of values (the attention backend)
     output_projection  W_o
     mlp            SwiGLU: W_down (silu(W_gate x) * W_up x)
-    residual       the two residual additions per layer
+    residual       the residual additions: two per layer, one with kernels="triton"
     lm_head        final hidden state -> logits, last position only
-    sampling       logits -> next token id
+    sampling       logits -> next token id (and the record of tokens seen, for the repetition penalty)
     python_overhead  the step's wall time minus all the stages above: the interpreter, the loop,
                    and on a GPU the time the GPU waits for kernels to be launched
 
-The model itself is never touched (no hooks, no flags), so with profiling off nothing changes and
-nothing is slower. On CUDA each stage is timed with a pair of CUDA events (GPU time) and the step is
-synchronised once, at its end; on CPU with time.perf_counter. Profiling on has a cost of its own, about
-13 timers per layer per step: measured decode speed was 3-4 % lower on a 2-core CPU (SmolLM2 fp32) and
-~35 % lower on an H100, where this small model is bound by kernel launches and the event records add
-to them; the stage shares are still meaningful, the absolute tok/s of a profiled run is not.
+With nobody listening the markers do nothing, so profiling off changes nothing and costs nothing.
+On CUDA each stage is timed with a pair of CUDA events (GPU time) and the step is synchronised once,
+at its end; on CPU with time.perf_counter. Profiling on has a cost of its own, a timer around each of
+~10 stages per layer per step: the stage shares are meaningful, the absolute tok/s of a profiled run
+less so (`llmlab bench --roofline` measures the difference).
 
-`stage_costs` counts FLOPs and bytes per stage from the config, so each stage gets an arithmetic
-intensity (FLOPs per byte moved), the x axis of a roofline plot.
+A compiled or CUDA-graphed model (`compile=` or `cuda_graphs=True`) runs its decode step as fused
+kernels or one graph replay, inside which no per-stage timer can see: `profile_generation` refuses it
+and says to profile the same model loaded eagerly, whose stages are the ones the graph was made of.
+
+`stage_costs` counts FLOPs and bytes per stage, so each stage gets an arithmetic intensity (FLOPs
+per byte moved), the x axis of a roofline plot: from a config alone (every weight stored in one float
+format), or priced by the model as loaded (`stage_weight_bytes`: int4 weights at half a byte plus their
+scales) and the cache as allocated (`kv_bytes_per_value`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .attention import ATTENTION
 from .config import ModelConfig
+from .errors import LlmlabError
+from .generate import decode_one_token, prefill
 from .kv_cache import KVCache, make_cache
-from .model import apply_rope, rope_cos_sin
-from .sampling import SamplingParams, make_generator, sample
+from .quant.linear import Int4Linear
+from .sampling import SamplingParams, sample_on_device
+from .stages import listening
 
 STAGES = ("tokenization", "embedding", "norms", "qkv_projections", "rope", "kv_cache", "attention_core",
           "output_projection", "mlp", "residual", "lm_head", "sampling")
@@ -51,81 +61,53 @@ OVERHEAD = "python_overhead"
 
 
 class StageTimer:
-    """Adds up the time of each stage over one step: CUDA events on a GPU, perf_counter on a CPU."""
+    """Adds up the time of each stage over one step: CUDA events on a GPU, perf_counter on a CPU.
+
+    `timer.stage` is the listener (llmlab.stages.listening): `timer.stage(name)` is the context that
+    times one stage. Stages follow one another and never nest (a nested one would be counted twice),
+    so one open stage at a time is all a timer keeps."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._open: str | None = None
+        self._start = None
 
-    @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str) -> StageTimer:
+        if self._open is not None:
+            raise RuntimeError(f"stage {name!r} started inside stage {self._open!r}: stages must not nest")
+        self._open = name
+        return self
+
+    def __enter__(self):
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((name, start, end))
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
         else:
-            start = time.perf_counter()
-            yield
-            self.seconds[name] += time.perf_counter() - start
+            self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self._open, self._start, end))
+        else:
+            self.seconds[self._open] += time.perf_counter() - self._start
+        self._open = None
 
     def finish(self) -> dict[str, float]:
-        """Stage -> seconds for the step; on CUDA this is the one synchronisation of the step."""
+        """Stage -> seconds since the last finish, and start afresh; on CUDA this is the one
+        synchronisation of the step."""
         if self.cuda:
             torch.cuda.synchronize()
             for name, start, end in self.events:
                 self.seconds[name] += start.elapsed_time(end) / 1e3     # elapsed_time is in ms
-        return dict(self.seconds)
+        seconds, self.seconds, self.events = dict(self.seconds), defaultdict(float), []
+        return seconds
 
 
-def profiled_attention(attention, x, cos, sin, layer: int, start_pos: int, cache, timer: StageTimer):
-    """`Attention.forward`, line for line, with each stage timed."""
-    batch, seq, _ = x.shape
-    with timer.stage("qkv_projections"):
-        q, k, v = attention.project_qkv(x)
-    with timer.stage("rope"):
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    with timer.stage("kv_cache"):
-        k, v = cache.update(layer, start_pos, k, v)
-    with timer.stage("attention_core"):
-        out = ATTENTION[attention.backend](q, k, v)                      # (batch, heads, seq, head_dim)
-    with timer.stage("output_projection"):
-        return attention.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-
-def profiled_block(block, x, cos, sin, layer: int, start_pos: int, cache, timer: StageTimer):
-    """`Block.forward` with each stage timed."""
-    with timer.stage("norms"):
-        normed = block.attn_norm(x)
-    attended = profiled_attention(block.attention, normed, cos, sin, layer, start_pos, cache, timer)
-    with timer.stage("residual"):
-        h = x + attended
-    with timer.stage("norms"):
-        normed = block.mlp_norm(h)
-    with timer.stage("mlp"):
-        mixed = block.mlp(normed)
-    with timer.stage("residual"):
-        return h + mixed
-
-
-@torch.inference_mode()
-def profiled_forward(model, tokens: torch.Tensor, start_pos: int, cache, timer: StageTimer) -> torch.Tensor:
-    """`Transformer.forward(tokens, start_pos, cache, last_only=True)` with each stage timed:
-    logits (batch, 1, vocab) of the last position."""
-    with timer.stage("embedding"):
-        x = model.embed(tokens)                                          # (batch, seq, dim)
-    with timer.stage("rope"):
-        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
-    for i, block in enumerate(model.layers):
-        x = profiled_block(block, x, cos, sin, i, start_pos, cache, timer)
-    with timer.stage("norms"):
-        x = model.norm(x)
-    with timer.stage("lm_head"):
-        return model.head(x[:, -1:])
-
+# --- FLOPs and bytes ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class StageCost:
@@ -146,9 +128,69 @@ class StageCost:
         return self.flops / self.bytes if self.bytes else 0.0
 
 
-def stage_costs(config: ModelConfig, n_new: int, context: int, itemsize: int = 4) -> dict[str, StageCost]:
+WEIGHT_STAGES = ("embedding", "norms", "qkv_projections", "output_projection", "mlp", "lm_head")
+
+
+def dense_weight_bytes(config: ModelConfig, itemsize: int) -> dict[str, float]:
+    """Bytes of each stage's weights, every weight stored in one float format of `itemsize` bytes;
+    "embedding" is the whole table (a step reads only its tokens' rows of it)."""
+    d, layers, hd = config.dim, config.n_layers, config.head_dim
+    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
+    return {name: count * itemsize for name, count in {
+        "embedding": config.vocab_size * d,
+        "norms": (2 * layers + 1) * d,
+        "qkv_projections": layers * d * (q_dim + 2 * kv_dim),
+        "output_projection": layers * q_dim * d,
+        "mlp": layers * 3 * d * config.ffn_dim,
+        "lm_head": config.vocab_size * d,
+    }.items()}
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes one call of a layer reads of its weights, as stored: a float weight's, or a quantized
+    layer's codes with their scales (and offsets). Int4Linear keeps a second copy of the same size in
+    the CPU kernel's tiled layout; a matmul reads one of the two, so one is counted."""
+    if isinstance(module, Int4Linear):
+        tensors = (module.packed, module.scales, module.offsets)
+    else:
+        tensors = (*module.parameters(), *module.buffers())
+    return sum(t.nbytes for t in tensors)
+
+
+def stage_weight_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes of each stage's weights in the model as loaded (whatever their format), summed over the
+    layers; "embedding" is the whole table. A tied LM head reads the embedding's matrix."""
+    blocks = model.layers
+    modules = {
+        "embedding": [model.embed],
+        "norms": [model.norm, *(b.attn_norm for b in blocks), *(b.mlp_norm for b in blocks)],
+        "qkv_projections": [m for b in blocks for m in (b.attention.wq, b.attention.wk, b.attention.wv)],
+        "output_projection": [b.attention.wo for b in blocks],
+        "mlp": [m for b in blocks for m in (b.mlp.w_gate, b.mlp.w_up, b.mlp.w_down)],
+        "lm_head": [model.head],
+    }
+    return {name: sum(stored_bytes(m) for m in parts) for name, parts in modules.items()}
+
+
+def kv_bytes_per_value(cache) -> float:
+    """Bytes the cache stores per key or value element: the dtype's size, or for the int8 cache one
+    byte plus its share of the per-vector fp32 scale. A paged cache's are its pool's."""
+    store = getattr(cache, "pool", cache)
+    return store.nbytes / (store.k.numel() + store.v.numel())
+
+
+def stage_costs(config: ModelConfig, n_new: int, context: int, itemsize: int = 4,
+                weight_bytes: dict[str, float] | None = None, kv_itemsize: float | None = None,
+                fused_residual: bool = False) -> dict[str, StageCost]:
     """FLOPs and bytes of each stage for one forward step: n_new tokens whose last one sits at
     position context - 1 (prefill of n tokens: n_new = context = n; one decode step: n_new = 1).
+
+    itemsize: bytes per activation value, and per weight when `weight_bytes` is not given (a model
+    whose weights are all stored in that float format). weight_bytes: each stage's weight bytes as
+    stored (`stage_weight_bytes(model)`, which prices int8/int4/fp8 weights with their scales).
+    kv_itemsize: bytes per value stored in the KV cache (`kv_bytes_per_value(cache)`; default:
+    itemsize). fused_residual: the residual add before each MLP norm is done inside the norm
+    (kernels="triton"), so its FLOPs and bytes count under "norms".
 
     Assumptions, the usual ones of a roofline estimate:
     - a matmul (m, k) x (k, n) is 2 m n k FLOPs; matmul stages (projections, attention core, MLP,
@@ -160,31 +202,51 @@ def stage_costs(config: ModelConfig, n_new: int, context: int, itemsize: int = 4
     - every weight is read from memory once per step and every activation is read once and written
       once (no cache reuse between stages); the embedding reads only the rows of the n_new tokens;
       the LM head reads its whole matrix (the embedding's, when tied) for the last position only;
-    - the KV cache holds values of `itemsize` bytes; sampling reads fp32 logits (greedy argmax).
+    - the KV cache is written once (the new keys and values) and read once by the attention core, at
+      its stored size: the copies a cache makes of what it returns (an int8 cache dequantized, a paged
+      cache's blocks gathered) are not counted; sampling reads fp32 logits (greedy argmax).
     """
     d, layers, vocab, hd = config.dim, config.n_layers, config.vocab_size, config.head_dim
     q_dim, kv_dim, ffn = config.n_heads * hd, config.n_kv_heads * hd, config.ffn_dim
     n, s = n_new, itemsize
+    kv_s = itemsize if kv_itemsize is None else kv_itemsize
+    w = dense_weight_bytes(config, itemsize) if weight_bytes is None else weight_bytes
 
-    def per_layer(flops, weights, activations):
-        return StageCost(layers * flops, layers * weights * s, layers * activations * s)
+    def per_layer(flops, activation_bytes, weights=0.0):
+        return StageCost(layers * flops, weights, layers * activation_bytes)
 
     n_norms = 2 * layers + 1
+    norms = StageCost(n_norms * 4 * n * d, w["norms"], n_norms * 2 * n * d * s)
+    residual = per_layer(2 * n * d, 6 * n * d * s)
+    if fused_residual:                 # one add of each layer moves into the norm: reads x, writes h
+        norms = StageCost(norms.flops + layers * n * d, norms.weight_bytes, norms.activation_bytes + layers * 2 * n * d * s)
+        residual = per_layer(n * d, 3 * n * d * s)
     return {
         "tokenization": StageCost(0, 0, 0),
-        "embedding": StageCost(0, n * d * s, n * d * s),
-        "norms": StageCost(n_norms * 4 * n * d, n_norms * d * s, n_norms * 2 * n * d * s),
-        "qkv_projections": per_layer(2 * n * d * (q_dim + 2 * kv_dim), d * (q_dim + 2 * kv_dim),
-                                     n * d + n * (q_dim + 2 * kv_dim)),
-        "rope": per_layer(3 * n * (q_dim + kv_dim), 0, 2 * n * (q_dim + kv_dim) + 2 * n * hd),
-        "kv_cache": per_layer(0, 0, 2 * n * kv_dim),
-        "attention_core": per_layer(4 * n * context * q_dim, 0, 2 * n * q_dim + 2 * context * kv_dim),
-        "output_projection": per_layer(2 * n * q_dim * d, q_dim * d, n * q_dim + n * d),
-        "mlp": per_layer(6 * n * d * ffn, 3 * d * ffn, 2 * n * d + 3 * n * ffn),
-        "residual": per_layer(2 * n * d, 0, 6 * n * d),
-        "lm_head": StageCost(2 * d * vocab, d * vocab * s, d * s + vocab * s),
+        "embedding": StageCost(0, w["embedding"] * n / vocab, n * d * s),
+        "norms": norms,
+        "qkv_projections": per_layer(2 * n * d * (q_dim + 2 * kv_dim), (n * d + n * (q_dim + 2 * kv_dim)) * s,
+                                     w["qkv_projections"]),
+        "rope": per_layer(3 * n * (q_dim + kv_dim), (2 * n * (q_dim + kv_dim) + 2 * n * hd) * s),
+        "kv_cache": per_layer(0, 2 * n * kv_dim * kv_s),
+        "attention_core": per_layer(4 * n * context * q_dim, 2 * n * q_dim * s + 2 * context * kv_dim * kv_s),
+        "output_projection": per_layer(2 * n * q_dim * d, (n * q_dim + n * d) * s, w["output_projection"]),
+        "mlp": per_layer(6 * n * d * ffn, (2 * n * d + 3 * n * ffn) * s, w["mlp"]),
+        "residual": residual,
+        "lm_head": StageCost(2 * d * vocab, w["lm_head"], (d + vocab) * s),
         "sampling": StageCost(vocab, 0, vocab * 4),
     }
+
+
+def model_stage_costs(model: nn.Module, cache=None):
+    """stage_costs priced by the model as loaded and the cache as allocated: a function
+    (n_new, context) -> costs. Weight bytes are summed once, here."""
+    weight_bytes = stage_weight_bytes(model)
+    itemsize = model.embed.weight.element_size()
+    kv_itemsize = None if cache is None else kv_bytes_per_value(cache)
+    fused_residual = model.layers[0].mlp_norm.kernels == "triton"     # as Block.forward decides
+    return lambda n_new, context: stage_costs(model.config, n_new, context, itemsize, weight_bytes,
+                                              kv_itemsize, fused_residual)
 
 
 def _mean_costs(steps: list[dict[str, StageCost]]) -> dict[str, StageCost]:
@@ -192,6 +254,8 @@ def _mean_costs(steps: list[dict[str, StageCost]]) -> dict[str, StageCost]:
                               for f in ("flops", "weight_bytes", "activation_bytes")))
             for name in STAGES}
 
+
+# --- the profile ---------------------------------------------------------------------------------
 
 @dataclass
 class Profile:
@@ -253,40 +317,65 @@ def _mean_times(steps: list[dict[str, float]]) -> dict[str, float]:
     return {name: sum(step[name] for step in steps) / len(steps) for name in steps[0]}
 
 
+GRAPHED = ("this model was loaded with compile or cuda_graphs: its decode step runs as fused kernels or one "
+           "graph replay, inside which per-stage timers see nothing. Profile the same model loaded without "
+           "them (llmlab.load(..., compile='none', cuda_graphs=False) and the same other switches): its "
+           "stages are the ones the graph is made of. For the graphed step's own kernels and launches, "
+           "use llmlab.launches")
+
+
 @torch.inference_mode()
 def profile_generation(llm, prompt: str | list[int], max_new_tokens: int = 32,
                        params: SamplingParams = SamplingParams(), stop_ids=None,
-                       kv_cache: str = "static") -> Profile:
-    """Generate up to max_new_tokens after `prompt` (text, or token ids to skip tokenization) as
-    `llm.generate_ids` does, timing every stage; returns the Profile."""
+                       kv_cache: str | None = None) -> Profile:
+    """Generate up to max_new_tokens after `prompt` (text, or token ids to skip tokenization) with
+    the engine's eager loop, `generate_tokens`, step for step, timing every stage; returns the
+    Profile. Its tokens are `llm.generate_ids`'s. kv_cache: the layout (default: the one load() was
+    given). A compiled or graphed model is refused (see the module's docstring)."""
+    if llm.options.graph_ready:
+        raise LlmlabError(GRAPHED)
     model, device = llm.model, llm.device
+    kv_cache = llm.options.kv_cache if kv_cache is None else kv_cache
     if stop_ids is None:
         stop_ids = {llm.tokenizer.eos_id} if llm.tokenizer else set()
-    timer, start = StageTimer(device), time.perf_counter()
-    with timer.stage("tokenization"):
-        ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    with timer.stage("kv_cache"):
-        cache = make_cache(kv_cache, model.config, len(ids) + max_new_tokens, llm.dtype, device)
-    generator, seen, out = make_generator(params.seed, device), tokens[0], []
-    step_start, step_timer, steps = start, timer, []
-    while True:
-        logits = profiled_forward(model, tokens, len(seen) - tokens.shape[1], cache, step_timer)[0, -1]
-        with step_timer.stage("sampling"):
-            next_token = sample(logits, params, previous_ids=seen, generator=generator)
-            out.append(int(next_token))
-        steps.append(_step_times(step_timer, step_start))
-        if out[-1] in stop_ids or len(out) == max_new_tokens:
-            break
-        step_timer, step_start = StageTimer(device), time.perf_counter()
-        seen, tokens = torch.cat([seen, next_token.view(1)]), next_token.view(1, 1)
-    itemsize = llm.dtype.itemsize
+    stop_ids = set(stop_ids)
+    timer, steps, out = StageTimer(device), [], []
+    with listening(timer.stage):
+        start = time.perf_counter()
+        ids = prompt
+        if isinstance(prompt, str):
+            tokenizer = llm._require_tokenizer()
+            with timer.stage("tokenization"):
+                ids = tokenizer.encode(prompt)
+        ids = llm._check_ids(ids, max_new_tokens)
+        with timer.stage("kv_cache"):
+            cache = make_cache(kv_cache, model.config, len(ids) + max_new_tokens, llm.dtype, device)
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        with timer.stage("sampling"):       # the sampler's state, as generate_tokens sets it up
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+            seed_row = torch.tensor([seed], device=device)
+            seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+            seen[0, tokens[0]] = True
+        logits = prefill(model, tokens, cache)
+        for step in range(max_new_tokens):
+            pos = len(ids) + step                          # the position of the token drawn now
+            with timer.stage("sampling"):
+                next_token = sample_on_device(logits, params, seed_row, torch.tensor([pos], device=device), seen)
+                token_id = int(next_token)
+            out.append(token_id)
+            steps.append(_step_times(timer, start))
+            if token_id in stop_ids or step == max_new_tokens - 1:
+                break
+            start = time.perf_counter()
+            with timer.stage("sampling"):
+                seen[0, token_id] = True
+            logits = decode_one_token(model, next_token.view(1, 1), pos, cache)
+    costs = model_stage_costs(model, cache)
     return Profile(
         device=str(device), prompt_len=len(ids), token_ids=out,
         prefill=steps[0], decode=_mean_times(steps[1:]), decode_steps=steps[1:],
-        prefill_costs=stage_costs(model.config, len(ids), len(ids), itemsize),
-        decode_costs=_mean_costs([stage_costs(model.config, 1, len(ids) + step, itemsize)
-                                  for step in range(1, len(steps))]),
+        prefill_costs=costs(len(ids), len(ids)),
+        decode_costs=_mean_costs([costs(1, len(ids) + step) for step in range(1, len(steps))]),
     )
 
 
@@ -294,15 +383,17 @@ def profile_generation(llm, prompt: str | list[int], max_new_tokens: int = 32,
 def profile_batch(model, batch: int, prompt_len: int, decode_steps: int = 3,
                   generator: torch.Generator | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Stage seconds of one prefill of `batch` random prompts of prompt_len tokens, and of the mean
-    decode step after it (every sequence gets one new token per step). No tokenizer and no sampling:
-    the model's stages alone, to see how their shares move with prompt length and batch size."""
+    decode step after it (every sequence gets one new token per step), through the model's own
+    forward. No tokenizer and no sampling: the model's stages alone, to see how their shares move
+    with prompt length and batch size."""
     device, config = model.embed.weight.device, model.config
     tokens = torch.randint(0, config.vocab_size, (batch, prompt_len + decode_steps), generator=generator).to(device)
     cache = KVCache(config, prompt_len + decode_steps, batch, dtype=model.embed.weight.dtype, device=device)
-    steps = []
-    for step in range(decode_steps + 1):
-        start, end = (0, prompt_len) if step == 0 else (prompt_len + step - 1, prompt_len + step)
-        timer, wall = StageTimer(device), time.perf_counter()
-        profiled_forward(model, tokens[:, start:end], start, cache, timer)
-        steps.append(_step_times(timer, wall))
+    timer, steps = StageTimer(device), []
+    with listening(timer.stage):
+        for step in range(decode_steps + 1):
+            start, end = (0, prompt_len) if step == 0 else (prompt_len + step - 1, prompt_len + step)
+            wall = time.perf_counter()
+            model(tokens[:, start:end], start_pos=start, cache=cache, last_only=True)
+            steps.append(_step_times(timer, wall))
     return steps[0], _mean_times(steps[1:])
