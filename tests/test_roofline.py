@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from llmlab import bench
 from llmlab.profile import StageCost
 from llmlab.roofline import Peaks, measure_peaks, place_stages
 
@@ -61,6 +60,7 @@ def bench_seconds(fn, repeats=20):
 
 
 def test_bench_reports_decode_by_context_and_the_roofline():
+    from llmlab import bench    # here, not at the top: the roofline's own tests need no bench
     settings = bench.BenchSettings(prompt_tokens=16, new_tokens=3, runs=2, warmup=0)
     report = bench.run(None, dtype="bf16", settings=settings, contexts=(8, 40), roofline=True, threads=1)
     by_context = report["decode_by_context"]
