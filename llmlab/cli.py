@@ -5,13 +5,18 @@
     llmlab chat
     llmlab info --model preset:llama-3.2-1b
     llmlab bench --dtype bf16 --compare hf --json bench.json
+    llmlab bench --dtype bf16 --engine compile=none --engine compile=default,steps_per_graph=4
 
+Every engine switch (llmlab.options.SWITCHES) is a flag of generate, chat and bench, made from the
+registry: `--compile {none,default,...}`, `--cuda-graphs/--no-cuda-graphs`, `--steps-per-graph N`, ...
 Bad input (a missing model, an impossible setting) prints one `error: ...` line and exits with 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -20,8 +25,9 @@ from pathlib import Path
 
 from .config import ModelConfig, config_from_gguf_metadata, config_from_hf, preset
 from .errors import LlmlabError
+from .options import FLOAT_WEIGHTS, SWITCHES, EngineOptions, engine_options
 
-DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
+LIST_SWITCHES = ("weights", "kv_cache")     # bench takes several of these, comma-separated: one engine each
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -47,8 +53,9 @@ def max_new_tokens(args, default: int) -> int:
 def load_model(args):
     from .llm import load, parse_device
 
+    options = engine_options(**switches_given(args))     # every switch checked before the model loads
     parse_device(args.device)   # fail fast on `--device cuda` without a GPU
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, device=args.device, **dataclasses.asdict(options))
 
 
 def write(piece: str) -> None:
@@ -195,22 +202,127 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- the engine's switches ----------------------------------------------------------------------
+
+class CommaSeparated(tuple):
+    """choices= for a flag that takes a comma-separated list: a list is a valid choice when each item is."""
+
+    def __contains__(self, values) -> bool:
+        return all(tuple.__contains__(self, v) for v in values)
+
+
+def _comma_list(name: str):
+    allowed = SWITCHES[name][0]
+
+    def parse(text: str) -> tuple:
+        values = tuple(type(allowed[0])(v) for v in text.split(","))
+        wrong = [v for v in values if v not in allowed]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"invalid choice {wrong[0]!r} (choose from {', '.join(map(str, allowed))}, "
+                                             f"comma-separated)")
+        return values
+    return parse
+
+
+def add_switch_flags(parser: argparse.ArgumentParser, lists: bool = False) -> None:
+    """One flag per entry of SWITCHES, with its values and help; lists: LIST_SWITCHES take comma lists."""
+    group = parser.add_argument_group("engine switches (llmlab.options.SWITCHES; default: the engine's own)")
+    for name, (allowed, text) in SWITCHES.items():
+        flag = "--" + name.replace("_", "-")
+        if allowed is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif allowed is int:
+            group.add_argument(flag, type=int, metavar="N", help=text)
+        elif lists and name in LIST_SWITCHES:
+            group.add_argument(flag, type=_comma_list(name), choices=CommaSeparated(allowed),
+                               metavar="A,B,...", help=f"{text}; several, comma-separated: one engine each "
+                                                     f"({', '.join(map(str, allowed))})")
+        else:
+            group.add_argument(flag, type=type(allowed[0]), choices=allowed, help=text)
+
+
+def switches_given(args) -> dict:
+    """The switch flags given on the command line (the others keep EngineOptions' defaults)."""
+    return {name: getattr(args, name) for name in SWITCHES if getattr(args, name, None) is not None}
+
+
+def switch_value(name: str, text: str, where: str):
+    """A switch's value from text, by the switch's type: true/false, an integer, or the word itself."""
+    allowed = SWITCHES[name][0]
+    if allowed is bool:
+        if text.lower() not in ("true", "false"):
+            raise LlmlabError(f"{where}: {name} takes true or false, not {text!r}")
+        return text.lower() == "true"
+    if allowed is int or isinstance(allowed[0], int):
+        try:
+            return int(text)
+        except ValueError:
+            raise LlmlabError(f"{where}: {name} takes an integer, not {text!r}") from None
+    return text
+
+
+def parse_engine_spec(spec: str) -> dict:
+    """"compile=default,cuda_graphs=true,steps_per_graph=4" -> {"compile": "default", "cuda_graphs": True, ...}."""
+    where, switches = f"--engine {spec!r}", {}
+    for item in spec.split(","):
+        name, equals, text = (part.strip() for part in item.partition("="))
+        name = name.replace("-", "_")
+        if not equals or not name or not text:
+            raise LlmlabError(f"{where}: write switches as name=value separated by commas, e.g. "
+                              f"compile=default,cuda_graphs=true,steps_per_graph=4")
+        if name not in SWITCHES:
+            raise LlmlabError(f"{where}: unknown switch {name!r}; the switches are: {', '.join(SWITCHES)}")
+        if name in switches:
+            raise LlmlabError(f"{where}: {name} is given twice")
+        switches[name] = switch_value(name, text, where)
+    return switches
+
+
+def _with_base(base: dict, own: dict) -> dict:
+    """An engine's switches: its own over the flags'. A float weight format is its own dtype and only
+    int4 takes a group size, so where an engine names its weights, --dtype and --group-size give way."""
+    switches = {**base, **own}
+    if "weights" in own:
+        if own["weights"] in FLOAT_WEIGHTS and "dtype" not in own:
+            switches.pop("dtype", None)
+        if own["weights"] != "int4" and "group_size" not in own:
+            switches.pop("group_size", None)
+    return switches
+
+
+def bench_engines(args) -> list[EngineOptions]:
+    """One EngineOptions per --engine SPEC (default: one engine of the flags alone), each once per value
+    of the comma lists in --weights and --kv-cache."""
+    base = switches_given(args)
+    lists = {name: base.pop(name) for name in LIST_SWITCHES if name in base}
+    engines = []
+    for spec in args.engine or [None]:
+        own = parse_engine_spec(spec) if spec is not None else {}
+        for values in itertools.product(*lists.values()):
+            listed = dict(zip(lists, values))
+            try:
+                engines.append(engine_options(**_with_base(base, {**listed, **own})))
+            except LlmlabError as e:
+                raise LlmlabError(f"--engine {spec!r}: {e}" if spec is not None else str(e)) from None
+    return engines
+
+
 # --- bench -------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
     from . import bench
 
     settings = bench.BenchSettings(args.prompt_tokens, args.new_tokens, args.runs, args.warmup)
+    engines = bench_engines(args)
+    bench.check_engines(engines)
     if args.json:
         folder = Path(args.json).resolve().parent
         if not folder.is_dir():
             raise LlmlabError(f"--json {args.json}: the folder {folder} does not exist")
-    report = bench.run(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-                       compare=args.compare, settings=settings, tokenizer=args.tokenizer,
-                       progress=bench._stderr_progress, kv_caches=tuple(args.kv_cache.split(",")),
-                       contexts=_int_list(args.contexts, "--contexts"), fused=not args.unfused,
-                       roofline=args.roofline, weights=tuple(args.weights.split(",")) if args.weights else (),
-                       group_size=args.group_size, attention=args.attention, kernels=args.kernels)
+    report = bench.run(args.model, engines=engines, device=args.device, threads=args.threads,
+                       compare=args.compare, gpt_fast_dir=args.gpt_fast_dir, settings=settings,
+                       contexts=_int_list(args.contexts, "--contexts"), roofline=args.roofline,
+                       tokenizer=args.tokenizer, launches=args.launches, progress=bench.stderr_progress)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -253,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="a .gguf file, a Hugging Face folder, or preset:NAME "
                                        "(default: the bundled SmolLM2-135M-Instruct)")
-    model.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="weight and activation dtype")
     model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    switches = argparse.ArgumentParser(add_help=False)
+    add_switch_flags(switches)
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, help="default 64 for generate, 256 for chat")
@@ -268,43 +381,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmlab", description="A small, tested LLM inference engine.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("generate", parents=[model, sampling], help="continue a prompt, streaming the text")
+    p = commands.add_parser("generate", parents=[model, switches, sampling], help="continue a prompt, streaming the text")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--chat", action="store_true", help="send PROMPT as one user message through the chat template")
     p.set_defaults(func=cmd_generate)
 
-    p = commands.add_parser("chat", parents=[model, sampling], help="talk with the model, turn by turn")
+    p = commands.add_parser("chat", parents=[model, switches, sampling], help="talk with the model, turn by turn")
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("info", help="the model's shape, size and memory, without loading its weights")
     p.add_argument("--model", help="a .gguf file, a Hugging Face folder, or preset:NAME (default: bundled SmolLM2)")
     p.set_defaults(func=cmd_info)
 
-    p = commands.add_parser("bench", parents=[model], help="prefill and decode speed, optionally against Hugging Face")
+    p = commands.add_parser("bench", parents=[model], help="prefill and decode speed of engines and peers, in turns")
+    add_switch_flags(p, lists=True)
+    p.add_argument("--engine", action="append", metavar="SPEC",
+                   help="an llmlab engine to measure, as switches over the flags above, e.g. "
+                        "compile=default,cuda_graphs=true,steps_per_graph=4; repeat it for several engines "
+                        "(the first is the baseline); each runs once per value of --weights/--kv-cache lists")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every engine (default 2 on CPU)")
-    p.add_argument("--compare", choices=["hf", "llamacpp"],
-                   help="also measure Hugging Face transformers, or llama.cpp on the same GGUF (the [peers] "
-                        "extra), taking turns")
-    p.add_argument("--kv-cache", default="static", metavar="KINDS",
-                   help="KV cache(s) for llmlab, comma-separated, measured in the same rounds: "
-                        "static, paged, int8, bf16, fp16 (default static)")
+    p.add_argument("--compare", choices=["hf", "llamacpp", "gpt-fast"],
+                   help="also measure a peer in the same rounds: Hugging Face transformers, llama.cpp on the same "
+                        "GGUF (the [peers] extra), or gpt-fast on a GPU (see --gpt-fast-dir)")
+    p.add_argument("--gpt-fast-dir", metavar="DIR", default="peers/gpt-fast",
+                   help="where gpt-fast's model.py, generate.py and tokenizer.py were exported (default "
+                        "peers/gpt-fast; llmlab/bench/gptfast.py says how)")
     p.add_argument("--tokenizer", action="store_true", help="also time encoding 1 MB of Shakespeare, llmlab vs HF")
     p.add_argument("--contexts", metavar="LENGTHS",
                    help="also decode after prompts of these lengths, e.g. 128,512,2048 (same engines, same turns)")
-    p.add_argument("--unfused", action="store_true",
-                   help="separate q/k/v and gate/up matmuls (the plain path) instead of the fused ones")
-    p.add_argument("--weights", metavar="FORMATS",
-                   help="weight formats measured in the same rounds, e.g. fp32,int8,int4 (the first is the "
-                        "baseline); with int8/int4/fp8, --dtype sets the activations (bf16: the fast CPU kernels)")
-    p.add_argument("--group-size", type=int, help="int4 group size (default 32)")
-    p.add_argument("--attention", default="sdpa", help="llmlab's attention: sdpa, naive or triton")
-    p.add_argument("--kernels", default="torch", help="llmlab's RMSNorm/RoPE/SwiGLU: torch or triton")
     p.add_argument("--roofline", action="store_true",
-                   help="also measure peak FLOP/s and bandwidth, profile one generation and place each stage")
+                   help="also measure peak FLOP/s and bandwidth, profile one generation and place each stage; "
+                        "adds each engine's decode bandwidth as a fraction of the copy bandwidth")
+    p.add_argument("--launches", action="store_true",
+                   help="also count kernels and host launches per decode step of each llmlab engine")
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
     p.set_defaults(func=cmd_bench)
 

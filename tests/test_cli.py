@@ -13,7 +13,9 @@ import pytest
 import torch
 from gguf import GGUFReader
 
+from llmlab import cli
 from llmlab.config import preset
+from llmlab.options import SWITCHES, EngineOptions
 
 
 def llmlab_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -93,9 +95,14 @@ BAD_INPUTS = [
     (["generate", "hi", "--temperature", "-1"], "temperature"),
     (["info", "--model", "/no/such/model.gguf"], "no such file"),
     (["bench", "--runs", "0"], "runs"),
+    (["generate", "hi", "--compile", "fast"], "invalid choice"),
+    (["generate", "hi", "--steps-per-graph", "4"], "turn on compile"),
+    (["bench", "--engine", "cuda_graphs=maybe"], "cuda_graphs takes true or false"),
+    (["bench", "--weights", "fp32,int3"], "invalid choice 'int3'"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["generate", "hi", "--device", "cuda"], "no CUDA GPU"))
+    BAD_INPUTS.append((["generate", "hi", "--cuda-graphs"], "needs a CUDA device"))
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
@@ -105,3 +112,64 @@ def test_bad_input_exits_2_with_one_clear_error(args, message):
     assert "Traceback" not in result.stderr
     assert "error:" in result.stderr and message in result.stderr
     assert result.stdout == ""
+
+
+def subcommand(name: str):
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "bench"])
+def test_every_switch_is_a_flag_with_the_registrys_values(command):
+    """Derived from llmlab.options.SWITCHES, so a switch added there without a flag fails here."""
+    flags = {flag: action for action in subcommand(command)._actions for flag in action.option_strings}
+    for name, (allowed, _) in SWITCHES.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in flags, f"{name} has no flag {flag}"
+        assert flags[flag].dest == name
+        if allowed is bool:
+            assert "--no-" + flag[2:] in flags
+        elif allowed is int:
+            assert flags[flag].type is int
+        else:
+            assert list(flags[flag].choices) == list(allowed)
+
+
+def test_switch_flags_become_one_engine_options():
+    args = cli.build_parser().parse_args(
+        ["generate", "hi", "--weights", "int4", "--group-size", "64", "--no-fused", "--kv-cache", "kv-int8",
+         "--compile", "max-autotune", "--steps-per-graph", "4", "--attention", "naive", "--dtype", "fp16"])
+    assert EngineOptions(**cli.switches_given(args)) == EngineOptions(
+        weights="int4", group_size=64, fused=False, kv_cache="kv-int8", compile="max-autotune", steps_per_graph=4,
+        attention="naive", dtype="fp16")
+    assert cli.switches_given(cli.build_parser().parse_args(["chat"])) == {}      # defaults: the engine's own
+
+
+def test_bench_engines_from_specs_and_lists():
+    args = cli.build_parser().parse_args(
+        ["bench", "--dtype", "bf16", "--weights", "bf16,int8", "--engine", "compile=default,cuda-graphs=false,steps_per_graph=4",
+         "--engine", "kv_cache=paged"])
+    names = [options.name() for options in cli.bench_engines(args)]
+    # a float weight format is its own dtype, so --dtype gives way there; int8 runs its activations in it
+    assert names == ["llmlab[weights=bf16,compile=default,steps_per_graph=4]",
+                     "llmlab[dtype=bf16,weights=int8,compile=default,steps_per_graph=4]",
+                     "llmlab[weights=bf16,kv_cache=paged]", "llmlab[dtype=bf16,weights=int8,kv_cache=paged]"]
+    plain = cli.bench_engines(cli.build_parser().parse_args(["bench", "--compile", "default"]))
+    assert plain == [EngineOptions(compile="default")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("compile", "write switches as name=value"),
+    ("compiler=default", "unknown switch 'compiler'"),
+    ("cuda_graphs=yes", "cuda_graphs takes true or false"),
+    ("steps_per_graph=four", "steps_per_graph takes an integer"),
+    ("compile=fast", "compile='fast' is not a valid choice"),
+    ("steps_per_graph=4", "turn on compile or cuda_graphs"),
+    ("compile=default,compile=none", "compile is given twice"),
+    ("compile=none", "two engines are both llmlab"),          # the same as the first --engine below
+])
+def test_bad_engine_specs_are_one_clear_error(spec, message, capsys):
+    assert cli.main(["bench", "--engine", "kv_cache=static", "--engine", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .. import eval as quality
-from ..bench import shakespeare_dir
+from ..corpus import HELD_OUT_PLAYS, shakespeare_dir
 from ..errors import LlmlabError
 from ..kv_cache import make_cache
 from ..llm import LLM, load
@@ -28,9 +28,6 @@ try:
 except ImportError:   # tqdm comes with the `lab` extras; without it there is no progress bar
     tqdm = None
 
-# Two plays the rest of the workbook leaves out of any training (BPE, distillation), so that scores
-# here are on text no part of the lab was fitted to: about 76,000 SmolLM2 tokens together.
-HELD_OUT_PLAYS = ("winters_tale_gut.txt", "two_gentlemen_of_verona_gut.txt")
 KL_ROWS = 128   # positions per KL computation: float64 over 49,152 tokens is 50 MB per tensor
 
 
