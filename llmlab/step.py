@@ -69,21 +69,27 @@ class Decoder:
         self.seed = torch.zeros(batch, dtype=torch.long, device=device)
         self.seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
         self.out = torch.zeros(batch, self.k, dtype=torch.long, device=device)
-        self.run = self._steps
+        self.step = self._one_step
         if options.compile != "none":
-            self.run = torch.compile(self._steps, **compile_options(options.compile, device))
+            self.step = torch.compile(self._one_step, **compile_options(options.compile, device))
         self.graph = None
         self.compile_seconds = None      # the first call's time (tracing and code generation), once made
 
-    def _steps(self) -> torch.Tensor:
-        """k decode steps; the i-th new token of each row lands in out[:, i]."""
+    def _one_step(self) -> torch.Tensor:
+        """One decode step, in place: feeds `token` at `pos`, leaves the next token in `token`, pos + 1."""
+        logits = self.model(self.token, start_pos=self.pos, cache=self.cache, last_only=True)[:, -1]
+        nxt = sample_on_device(logits, self.params, self.seed, self.pos + 1, self.seen)   # (batch,)
+        self.seen.scatter_(1, nxt[:, None], True)
+        self.token.copy_(nxt[:, None])
+        self.pos.add_(1)
+        return nxt
+
+    def run(self) -> torch.Tensor:
+        """k steps; the i-th new token of each row lands in out[:, i]. The step is compiled once and
+        called k times (unrolling k steps into one compiled graph would multiply the compile time by k);
+        a CUDA graph captures all k calls."""
         for i in range(self.k):
-            logits = self.model(self.token, start_pos=self.pos, cache=self.cache, last_only=True)[:, -1]
-            nxt = sample_on_device(logits, self.params, self.seed, self.pos + 1, self.seen)   # (batch,)
-            self.seen.scatter_(1, nxt[:, None], True)
-            self.token.copy_(nxt[:, None])
-            self.pos.add_(1)
-            self.out[:, i] = nxt
+            self.out[:, i].copy_(self.step())
         return self.out
 
     @torch.inference_mode()

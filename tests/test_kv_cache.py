@@ -38,7 +38,7 @@ def generated_256(llm):
     return ids, teacher_forced_logits(llm.model, ids, KVCache(llm.config, len(ids)))
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["kv-int8", "kv-bf16", "kv-fp16"])
 def test_reduced_precision_caches_stay_close_over_256_tokens(llm, generated_256, kind):
     """Teacher-forced over 256 generated tokens so both runs see the same sequence.
 
@@ -52,7 +52,7 @@ def test_reduced_precision_caches_stay_close_over_256_tokens(llm, generated_256,
     agreement = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
     worst = (got - reference).abs().max().item()
     assert agreement >= 0.99, f"{kind}: top-1 agreement {agreement:.2%}"
-    assert worst <= {"int8": 1.0, "bf16": 1.0, "fp16": 0.1}[kind], f"{kind}: max |logit diff| {worst:.3f}"
+    assert worst <= {"kv-int8": 1.0, "kv-bf16": 1.0, "kv-fp16": 0.1}[kind], f"{kind}: max |logit diff| {worst:.3f}"
 
 
 def test_int8_error_is_at_most_half_a_step():

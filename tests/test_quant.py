@@ -26,7 +26,7 @@ from torch import nn
 import llmlab
 from llmlab.errors import LlmlabError
 from llmlab.eval import kl_divergence, perplexity, top1_agreement
-from llmlab.llm import parse_weights
+from llmlab.options import EngineOptions
 from llmlab.model import Attention
 from llmlab.quant import (Fp8Linear, Int4Linear, Int8Linear, dequantize, pack_int4, quantize_asymmetric,
                           quantize_fp8, quantize_model, quantize_symmetric, unpack_int4)
@@ -259,14 +259,14 @@ def test_load_int4_runs_the_shipped_weights_in_bf16(llm, hamlet_ids):
 
 
 def test_load_weights_and_dtype():
-    assert parse_weights(None, None, None) == (torch.float32, None)
-    assert parse_weights("bf16", None, None) == (torch.bfloat16, None)
-    assert parse_weights("int8", None, None) == (torch.bfloat16, "int8")
-    assert parse_weights("int4", "fp32", 64) == (torch.float32, "int4")
+    assert EngineOptions().model_dtype == "fp32"
+    assert EngineOptions(weights="bf16").model_dtype == "bf16"
+    assert EngineOptions(weights="int8").model_dtype == "bf16"
+    assert EngineOptions(weights="int4", dtype="fp32", group_size=64).model_dtype == "fp32"
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(weights="int3"), "unknown weights 'int3'; choose one of: fp32, bf16, fp16, int8, int4, fp8"),
+    (dict(weights="int3"), "weights='int3' is not a valid choice; weights takes one of: fp32, bf16, fp16, int8, int4, fp8"),
     (dict(weights="bf16", dtype="fp32"), "disagree"),
     (dict(weights="int8", group_size=32), "group_size is for weights='int4' only"),
 ])

@@ -1,0 +1,259 @@
+"""The fixed-shape engine: tensor positions, the whole-cache read under a mask, on-device sampling,
+and the decode step compiled / captured — each against the eager path, the plain reference.
+
+Tolerances: fp32 logits of the masked whole-cache read against the sliced read differ only by the
+order of a few float additions in SDPA (masked keys add exact zeros); 1e-4 absolute on logits of
+size ~10-30 is ~1e-5 relative, far above fp32 rounding (~1e-7) and far below any real error (a
+wrong position or a leaked future key moves logits by O(1)). Greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llmlab
+from llmlab.attention import ATTENTION
+from llmlab.errors import LlmlabError
+from llmlab.kv_cache import KV_CACHES, KVCache, write_at_positions
+from llmlab.model import KERNELS
+from llmlab.options import SWITCHES, EngineOptions, engine_options
+from llmlab.sampling import SamplingParams, counter_uniform, sample_on_device
+from llmlab.step import Decoder, bucket
+
+PROMPT = "The history of the Roman Empire"
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def small(llm):
+    """The real SmolLM2 cut to its first 2 layers (real weights, embedding and head): what the switches
+    are compared on where compiling all 30 layers would cost a minute of CI per test."""
+    cut = copy.copy(llm)
+    cut.model = copy.deepcopy(llm.model)
+    cut.model.layers = cut.model.layers[:2]
+    cut._decoders = {}
+    return cut
+
+
+def with_options(llm, **switches):
+    """The same weights under other switches (fresh decoders)."""
+    other = copy.copy(llm)
+    other.options, other._decoders = engine_options(**switches), {}
+    return other
+
+
+# --- the switches are declared once ---------------------------------------------------------------
+
+def test_registry_matches_the_implementations():
+    assert tuple(ATTENTION) == SWITCHES["attention"][0]
+    assert KERNELS == SWITCHES["kernels"][0]
+    assert KV_CACHES == SWITCHES["kv_cache"][0]
+
+
+@pytest.mark.parametrize("switches, message", [
+    ({"fused": "no"}, "fused='no' is not a valid choice; fused takes True or False"),
+    ({"compile": "fast"}, "compile takes one of: none, default, reduce-overhead, max-autotune"),
+    ({"steps_per_graph": True, "compile": "default"}, "steps_per_graph takes an integer from 1 to 64"),
+    ({"steps_per_graph": 0, "compile": "default"}, "steps_per_graph takes an integer"),
+    ({"group_size": 0, "weights": "int4"}, "group_size takes one of: 32, 64, 128, 256"),
+    ({"kv_cache": "int8"}, "kv_cache takes one of: static, paged, kv-int8"),
+    ({"compile": "default", "attention": "triton"}, "need attention='sdpa' or 'naive'"),
+    ({"cuda_graphs": True, "kv_cache": "paged"}, "paged KV cache stays eager"),
+    ({"compile": "reduce-overhead", "cuda_graphs": True}, "not both"),
+    ({"steps_per_graph": 4}, "turn on compile or cuda_graphs"),
+    ({"weights": "bf16", "dtype": "fp32"}, "disagree"),
+    ({"compiled": "default"}, "unknown switch(es) compiled"),
+])
+def test_bad_switches_are_clear_errors(switches, message):
+    with pytest.raises(LlmlabError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        engine_options(**switches)
+
+
+def test_cuda_graphs_need_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(LlmlabError, match="needs a CUDA device"):
+        llmlab.load("preset:smollm2-135m", cuda_graphs=True)
+
+
+def test_engine_names_say_every_switch_changed():
+    assert EngineOptions().name() == "llmlab"
+    assert EngineOptions(weights="int8").name() != EngineOptions(kv_cache="kv-int8").name()
+    assert EngineOptions(compile="default", steps_per_graph=4).name() == "llmlab[compile=default,steps_per_graph=4]"
+
+
+# --- positions as tensors -------------------------------------------------------------------------
+
+def test_write_at_positions_puts_each_row_at_its_own_positions():
+    buffer = torch.zeros(2, 3, 10, 4)
+    new = torch.randn(2, 3, 2, 4)
+    write_at_positions(buffer, torch.tensor([1, 6]), new)
+    expected = torch.zeros(2, 3, 10, 4)
+    expected[0, :, 1:3], expected[1, :, 6:8] = new[0], new[1]     # slices: the independent reference
+    assert torch.equal(buffer, expected)
+
+
+@torch.inference_mode()
+def test_tensor_positions_give_the_eager_logits(llm):
+    """Prefill 40 tokens, then 8 single-token steps: with Python-int positions (sliced cache) and with
+    tensor positions (whole cache, masked). The cache is longer than needed, so masking matters."""
+    ids = torch.tensor([llm.tokenizer.encode("Fair is foul, and foul is fair: hover through the fog and filthy air")[:48]])
+    llm.model.make_rope_table()
+    eager, fixed = KVCache(llm.config, 128), KVCache(llm.config, 128)
+    a = llm.model(ids[:, :40], start_pos=0, cache=eager)
+    b = llm.model(ids[:, :40], start_pos=torch.tensor([0]), cache=fixed)
+    torch.testing.assert_close(b, a, atol=LOGIT_TOL, rtol=0)
+    for pos in range(40, 48):
+        a = llm.model(ids[:, pos:pos + 1], start_pos=pos, cache=eager)
+        b = llm.model(ids[:, pos:pos + 1], start_pos=torch.tensor([pos]), cache=fixed)
+        torch.testing.assert_close(b, a, atol=LOGIT_TOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_a_batch_of_different_lengths_equals_each_sequence_alone(llm):
+    """Two sequences at different positions in one step: each row attends to its own keys only."""
+    tok = llm.tokenizer
+    first, second = tok.encode("To be, or not to be, that is the question:"), tok.encode("Once more unto the breach")
+    llm.model.make_rope_table()
+    alone = []
+    for ids in (first, second):
+        cache = KVCache(llm.config, 64)
+        llm.model(torch.tensor([ids[:-1]]), start_pos=0, cache=cache)
+        alone.append(llm.model(torch.tensor([ids[-1:]]), start_pos=len(ids) - 1, cache=cache)[0, -1])
+    cache = KVCache(llm.config, 64, batch=2)
+    for row, ids in enumerate((first, second)):    # prefill each row into the shared batch cache
+        one = KVCache(llm.config, 64)
+        llm.model(torch.tensor([ids[:-1]]), start_pos=0, cache=one)
+        cache.k[:, row], cache.v[:, row] = one.k[:, 0], one.v[:, 0]
+    last = torch.tensor([[first[-1]], [second[-1]]])
+    together = llm.model(last, start_pos=torch.tensor([len(first) - 1, len(second) - 1]), cache=cache)[:, -1]
+    for row in range(2):
+        torch.testing.assert_close(together[row], alone[row], atol=LOGIT_TOL, rtol=0)
+
+
+def test_bucket_sizes():
+    assert [bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
+
+
+# --- sampling on the device ------------------------------------------------------------------------
+
+def test_counter_uniform_is_uniform_and_repeats_for_a_seed():
+    seed, position = torch.tensor([7, 7, 8]), torch.tensor([100, 101, 100])
+    u = counter_uniform(seed, position, 200_000)
+    assert torch.equal(u, counter_uniform(seed, position, 200_000))
+    assert ((u > 0) & (u < 1)).all()
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])   # position and seed both matter
+    counts = torch.histc(u[0], bins=20, min=0, max=1)
+    expected = 200_000 / 20
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert chi2 < 43.8, chi2          # chi-square, 19 degrees of freedom: p = 0.001
+
+
+@torch.inference_mode()
+def test_device_sampling_draws_from_the_model_distribution(llm):
+    """20,000 draws (one per seed) from the real next-token distribution after a prompt, at temperature
+    0.8 with top-p 0.9: the frequencies match the filtered softmax (computed by sample()'s own filter
+    functions and PyTorch's softmax) by a chi-square test; no token outside the nucleus appears."""
+    logits = llm.logits(llm.tokenizer.encode("The capital of France is the city of"))[-1]
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    n = 20_000
+    draws = sample_on_device(logits.expand(n, -1), params, torch.arange(n), torch.full((n,), 9))
+    from llmlab.sampling import apply_temperature, top_p_filter
+    probs = top_p_filter(apply_temperature(logits, 0.8), 0.9).softmax(-1)
+    assert probs[draws].min() > 0                                   # nothing outside the nucleus
+    kept = probs.nonzero().flatten()
+    counts = torch.bincount(draws, minlength=probs.numel())[kept].float()
+    expected = probs[kept] * n
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    dof = len(kept) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5 + 10, (chi2, dof)      # ~4 sigma above the mean of chi2(dof)
+
+
+# --- the decode step: eager vs fixed-shape eager vs compiled ---------------------------------------
+
+def greedy(llm, n=64, **sampling):
+    ids = llm.tokenizer.encode(PROMPT)
+    return list(llm.generate_ids(ids, n, stop_ids=set(), **sampling))
+
+
+def test_fixed_shape_step_gives_the_eager_tokens(llm):
+    """The Decoder run eagerly (no compile): the same 64 greedy tokens, fp32, as the plain loop."""
+    ids = llm.tokenizer.encode(PROMPT)
+    decoder = Decoder(llm.model, EngineOptions(), SamplingParams(), 1, bucket(len(ids) + 64))
+    tokens = decoder.start(torch.tensor([ids]), seed=0).tolist()
+    while len(tokens) < 64:
+        tokens += decoder.next_tokens()[0].tolist()
+    assert tokens == greedy(llm)
+
+
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switches", [{"compile": "default"}, {"compile": "default", "steps_per_graph": 4}])
+def test_compiled_step_gives_the_eager_tokens_and_never_recompiles(small, switches):
+    compiled = with_options(small, **switches)
+    reference = greedy(small)
+    assert greedy(compiled, n=8) == reference[:8]                  # warm-up: compiles
+    before = dynamo_graphs()
+    assert greedy(compiled) == reference                           # 64 steps, fp32, identical
+    sampled = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.2, seed=5)
+    assert greedy(compiled, **sampled) == greedy(small, **sampled)  # seeded sampling: the same draws
+    graphs = dynamo_graphs() - before
+    assert graphs == 1, f"{graphs} new graphs: only the sampled run's own compile was expected"
+    after = dynamo_graphs()
+    greedy(compiled, **sampled)
+    assert dynamo_graphs() == after, "a whole generation recompiled after warm-up"
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_small(small):
+    cut = copy.copy(small)
+    cut.model = copy.deepcopy(small.model).to("cuda")
+    cut._decoders = {}
+    return cut
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switches", [
+    {"cuda_graphs": True},
+    {"cuda_graphs": True, "steps_per_graph": 8},
+    {"compile": "default", "cuda_graphs": True},
+    {"compile": "max-autotune", "cuda_graphs": True, "steps_per_graph": 4},
+    {"compile": "reduce-overhead"},
+])
+def test_gpu_switches_give_the_eager_tokens_fp32(gpu_small, switches):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference = greedy(gpu_small)
+    fast = with_options(gpu_small, **switches)
+    assert greedy(fast, n=8) == reference[:8]
+    before = dynamo_graphs()
+    assert greedy(fast) == reference
+    assert dynamo_graphs() == before
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_compiled_bf16_logits_close_to_eager():
+    """bf16: the compiled forward's decode logits against the eager forward's, on the 1B preset's
+    shape (random weights). Inductor reorders bf16 reductions and fuses roundings away, so logits
+    differ by bf16 rounding: |diff| <= 0.05 + 2% of |logit| (bf16 has a relative step of 2^-8 = 0.4%,
+    and a 16-layer residual stream accumulates tens of such roundings)."""
+    llm = llmlab.load("preset:llama-3.2-1b", dtype="bf16", device="cuda")
+    llm.model.make_rope_table()
+    compiled = torch.compile(llm.model, fullgraph=True, dynamic=False)
+    ids = torch.randint(0, llm.config.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    caches = [KVCache(llm.config, 256, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    for cache in caches:
+        llm.model(ids[:, :32], start_pos=0, cache=cache)
+    pos = torch.tensor([32], device="cuda")
+    eager = llm.model(ids[:, 32:], start_pos=pos, cache=caches[0]).float()
+    fast = compiled(ids[:, 32:], start_pos=pos, cache=caches[1]).float()
+    torch.testing.assert_close(fast, eager, atol=0.05, rtol=0.02)
