@@ -5,9 +5,11 @@ The graph-ready (compiled) engine is measured on a tiny model of the real archit
 Hugging Face folder: compiling the 30-layer SmolLM2 takes a minute or more on a CI CPU.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +220,24 @@ def test_gpt_fast_model_args_match_its_own_named_configs():
     assert args["norm_eps"] == 1e-5 and args["dim"] // args["n_head"] == preset("llama-3-8b").head_dim
     small = model_args(preset("smollm2-135m"))     # 9 query heads, 3 KV heads: head_dim 64 as in llmlab
     assert (small["n_head"], small["n_local_heads"], small["dim"] // small["n_head"]) == (9, 3, 64)
+
+
+def test_gpt_fast_model_of_a_presets_shape_has_its_parameters():
+    """gpt-fast's own Transformer (its model.py, where it was exported; built on the meta device, so no
+    GPU or memory is needed) from model_args has exactly the preset's parameters, plus its untied head."""
+    path = Path(bench.gptfast.DEFAULT_DIR) / "model.py"
+    if not path.is_file():
+        pytest.skip(f"gpt-fast is not exported into {path.parent} (llmlab/bench/gptfast.py says how)")
+    spec = importlib.util.spec_from_file_location("gpt_fast_model", path)
+    gpt_fast = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpt_fast)
+    for name in ("smollm2-135m", "llama-3.2-1b", "llama-3-8b"):
+        config = preset(name)
+        with torch.device("meta"):
+            model = gpt_fast.Transformer(gpt_fast.ModelArgs(**model_args(config)))
+        untied_head = config.vocab_size * config.dim if config.tie_embeddings else 0
+        assert sum(p.numel() for p in model.parameters()) == config.n_params() + untied_head
+        assert model.config.head_dim == config.head_dim
 
 
 def test_gpt_fast_peer_is_refused_where_it_cannot_run(tmp_path):
