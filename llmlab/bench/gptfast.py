@@ -14,8 +14,8 @@ Its generate.py imports its tokenizer.py, which needs `sentencepiece` and `tikto
 What runs is gpt-fast's own code, called as its generate() calls it: `prefill` (eager), then
 `decode_n_tokens`, whose loop calls `decode_one_token` compiled with torch.compile(mode="reduce-overhead",
 fullgraph=True) exactly as its main() compiles it, bumps the position tensor in place (`input_pos += 1`)
-and clones each token, with no host work per step beyond launching the graph. Sampling: its main()'s
-defaults, temperature 0.8 and top-k 200, done on the GPU without a sync.
+and clones each token, with no host work per step beyond launching the graph. Sampling: temperature 1
+and no top-k (see SAMPLING), done on the GPU without a sync.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from .engines import sync, weight_bytes_per_token
 DEFAULT_DIR = "peers/gpt-fast"
 EXPORT = ("mkdir -p peers/gpt-fast && git -C <gpt-fast clone> archive HEAD model.py generate.py tokenizer.py "
           "| tar -x -C peers/gpt-fast")
-SAMPLING = {"temperature": 0.8, "top_k": 200}      # gpt-fast's main() defaults
+# gpt-fast's lightest sampling (its decode_one_token's defaults: temperature 1, no top-k): softmax, an
+# exponential draw and an argmax on the GPU. llmlab's engines decode greedily (one argmax), so the peer
+# does a few more small kernels per token than llmlab, not the full top-k sort of its main()'s defaults.
+SAMPLING = {"temperature": 1.0, "top_k": None}
 # What gpt-fast's generate.py sets in inductor's (process-wide) config when it is imported. Here they
 # are put back right after the import and set only while gpt-fast's own calls run (its compile happens
 # in its first call), so llmlab's compiles in the same process see inductor's defaults.
