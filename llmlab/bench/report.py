@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LlmlabError
 from ..options import EngineOptions
+from .gptfast import SAMPLING
 from .measure import BenchSettings
 
 TIMER = "time.perf_counter"
@@ -108,7 +109,7 @@ def method_text(settings: BenchSettings, engines: list[EngineOptions], peers: li
             "bf16 weights N(0, 0.02), KV cache set up once for the longest run; prefill = its prefill() "
             "(eager); decode = its decode_n_tokens() with decode_one_token compiled by torch.compile(mode="
             "'reduce-overhead', fullgraph=True) as its main() does (CUDA graphs; the position tensor bumped in "
-            "place), sampling with its defaults temperature 0.8, top-k 200 on the device. Its compile, warm-up "
+            f"place), sampling on the device with {SAMPLING} (llmlab.bench.gptfast.SAMPLING). Its compile, warm-up "
             "and graph recording happen in an untimed first call. The inductor flags its generate.py sets "
             "(coordinate_descent_tuning, triton.unique_kernel_names, fx_graph_cache, enable_autograd_cache) "
             "are process-wide; here they are set only while gpt-fast's calls run, so llmlab's compiles in the "
