@@ -96,10 +96,9 @@ def import_gpt_fast(folder: str | Path) -> tuple:
         raise LlmlabError(f"gpt-fast's generate.py could not be imported from {folder} ({e}); it imports its "
                           f"tokenizer.py, which needs:  pip install sentencepiece tiktoken") from None
     finally:
-        sys.path[:] = saved_path
-        for name in GPT_FAST_MODULES:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved_modules)
+        # dynamo imports a traced function's module by name when it compiles it, so gpt-fast's modules
+        # stay importable for the rest of the process: its folder stays on sys.path, its modules loaded
+        sys.path[:] = [str(folder)] + [p for p in saved_path if p != str(folder)]
     return model, generate
 
 
