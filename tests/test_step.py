@@ -97,10 +97,10 @@ def test_write_at_positions_puts_each_row_at_its_own_positions():
 
 
 @torch.inference_mode()
-def test_tensor_positions_give_the_eager_logits(llm):
+def test_tensor_positions_give_the_eager_logits(llm, shakespeare_text):
     """Prefill 40 tokens, then 8 single-token steps: with Python-int positions (sliced cache) and with
     tensor positions (whole cache, masked). The cache is longer than needed, so masking matters."""
-    ids = torch.tensor([llm.tokenizer.encode("Fair is foul, and foul is fair: hover through the fog and filthy air")[:48]])
+    ids = torch.tensor([llm.tokenizer.encode(shakespeare_text[3000:6000])[:48]])
     llm.model.make_rope_table()
     eager, fixed = KVCache(llm.config, 128), KVCache(llm.config, 128)
     a = llm.model(ids[:, :40], start_pos=0, cache=eager)
