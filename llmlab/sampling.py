@@ -198,11 +198,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def counter_uniform(seed: torch.Tensor, position: torch.Tensor, n: int) -> torch.Tensor:
     """(batch, n) float32 uniforms in (0, 1), one for each token id at each row's position.
 
-    seed, position: (batch,) int64. 24 random bits per number, enough that a float32 holds it exactly."""
+    seed, position: (batch,) int64. 23 random bits per number: with 24, the largest value, 1 - 2^-25,
+    would round to exactly 1.0 in float32, and -ln(1) = 0 turns a removed token's 0/0 into NaN."""
     token_ids = torch.arange(n, device=position.device)
     key = _mix32((position & _MASK32) + _mix32(seed & _MASK32)) & _MASK32           # (batch,)
     bits = _mix32(((key[:, None] + _mix32(token_ids)[None]) & _MASK32) ^ (seed[:, None] >> 32))
-    return ((bits >> 8).float() + 0.5) / 2.0**24
+    return ((bits >> 9).float() + 0.5) / 2.0**23
 
 
 def sample_on_device(logits: torch.Tensor, params: SamplingParams, seed: torch.Tensor, position: torch.Tensor,
@@ -227,5 +228,6 @@ def sample_on_device(logits: torch.Tensor, params: SamplingParams, seed: torch.T
     if params.min_p is not None:
         logits = min_p_filter(logits, params.min_p)
     probs = logits.softmax(dim=-1)
-    arrival = -torch.log(counter_uniform(seed, position, logits.shape[-1])) / probs   # removed tokens: inf
+    waits = -torch.log(counter_uniform(seed, position, logits.shape[-1]))               # exponential, > 0
+    arrival = torch.where(probs > 0, waits / probs, torch.inf)                         # removed tokens never arrive
     return arrival.argmin(dim=-1)

@@ -49,6 +49,19 @@ def compile_options(mode: str, device: torch.device) -> dict:
     return {"fullgraph": True, "dynamic": False, "options": options}
 
 
+# Every Decoder compiles the same code object (_one_step) with guards on its own buffers, so each one
+# made in a process takes a slot of dynamo's per-code recompile limit (8 by default); past the limit
+# dynamo would silently run the step eagerly. Allow more, and fail loudly instead of falling back.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    import torch._dynamo.config as dynamo
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    dynamo.fail_on_recompile_limit_hit = True
+
+
 class Decoder:
     """The state of one batch of generations on the fixed-shape path, and its step, run as the options say.
 
@@ -71,6 +84,7 @@ class Decoder:
         self.out = torch.zeros(batch, self.k, dtype=torch.long, device=device)
         self.step = self._one_step
         if options.compile != "none":
+            allow_recompiles()
             self.step = torch.compile(self._one_step, **compile_options(options.compile, device))
         self.graph = None
         self.compile_seconds = None      # the first call's time (tracing and code generation), once made

@@ -106,9 +106,9 @@ def model_bytes(llm: LLM) -> int:
 
 
 def parse_format(name: str) -> tuple[str, int | None, str | None]:
-    """"int4-g64" -> ("int4", 64, None); "kv-int8" -> ("fp32", None, "int8"); "bf16" -> ("bf16", None, None)."""
+    """"int4-g64" -> ("int4", 64, None); "kv-int8" -> ("fp32", None, "kv-int8"); "bf16" -> ("bf16", None, None)."""
     if name.startswith("kv-"):
-        return "fp32", None, name.removeprefix("kv-")
+        return "fp32", None, name
     weights, _, group = name.partition("-g")
     if group and not group.isdigit():
         raise LlmlabError(f"format {name!r}: write a group size as int4-g32, int4-g64, ...")
