@@ -1,6 +1,5 @@
 """Shared fixtures: the real model loaded once per session, and the Hugging Face reference."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ not merely similar.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import time
@@ -18,14 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmlab.corpus import shakespeare_dir
 from llmlab.tokenizer import byte_tokens, bytes_to_unicode, train_bpe, vocabulary
 
 
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
     """The modern-spelling plays (*_gut.txt), in file-name order: 5 MB of text."""
-    root = importlib.util.find_spec("shksprdata").submodule_search_locations[0]
-    files = sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
+    files = sorted(glob.glob(os.path.join(shakespeare_dir(), "*_gut.txt")))
     return "".join(open(path, encoding="utf-8").read() for path in files)
 
 

