@@ -165,6 +165,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, *, previous_ids=None,
         logits = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
     if params.is_greedy:
         return logits.argmax(dim=-1)  # first (lowest) id among equal maxima
+    probs = sampling_probs(logits, params)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from: temperature -> top-k -> top-p -> min-p -> softmax."""
     logits = apply_temperature(logits, params.temperature)
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
@@ -172,8 +178,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, *, previous_ids=None,
         logits = top_p_filter(logits, params.top_p)
     if params.min_p is not None:
         logits = min_p_filter(logits, params.min_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 # --- on the device, inside a fixed-shape step --------------------------------------------------
@@ -220,14 +225,7 @@ def sample_on_device(logits: torch.Tensor, params: SamplingParams, seed: torch.T
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     if params.is_greedy:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, params.temperature)
-    if params.top_k is not None:
-        logits = top_k_filter(logits, params.top_k)
-    if params.top_p is not None:
-        logits = top_p_filter(logits, params.top_p)
-    if params.min_p is not None:
-        logits = min_p_filter(logits, params.min_p)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probs(logits, params)
     waits = -torch.log(counter_uniform(seed, position, logits.shape[-1]))               # exponential, > 0
     arrival = torch.where(probs > 0, waits / probs, torch.inf)                         # removed tokens never arrive
     return arrival.argmin(dim=-1)
