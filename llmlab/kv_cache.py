@@ -34,7 +34,7 @@ from .options import SWITCHES
 
 
 class KVCache:
-    """Contiguous buffers of shape (layers, batch, kv_heads, max_seq_len, head_dim), allocated once.
+    """Contiguous buffers, one (batch, kv_heads, max_seq_len, head_dim) per layer, allocated once.
 
     `dtype` is how the cache stores values; reads come back in the dtype of the keys written (the
     model's), so a bf16 cache under an fp32 model halves the memory and rounds each stored value.
@@ -42,27 +42,39 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (config.n_layers, batch, config.n_kv_heads, max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, config.n_kv_heads, max_seq_len, config.head_dim)
+        # One buffer per layer rather than one (layers, ...) tensor: a compiled step writes into its
+        # inputs in place, but a write into a slice of one big input makes the compiler copy all of it.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.max_seq_len = max_seq_len
 
     def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (batch, kv_heads, new, head_dim) at start_pos; return the keys and values of
         positions 0 .. start_pos+new-1 (an int start_pos) or of every position (a tensor one). In the
         model's dtype these are views (no copy)."""
+        keys, values = self.keys[layer], self.values[layer]
         if isinstance(start_pos, int):
             end = start_pos + k.shape[2]
-            self.k[layer, :, :, start_pos:end] = k
-            self.v[layer, :, :, start_pos:end] = v
-            return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
-        write_at_positions(self.k[layer], start_pos, k)
-        write_at_positions(self.v[layer], start_pos, v)
-        return self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
+            keys[:, :, start_pos:end] = k
+            values[:, :, start_pos:end] = v
+            return keys[:, :, :end].to(k.dtype), values[:, :, :end].to(v.dtype)
+        write_at_positions(keys, start_pos, k)
+        write_at_positions(values, start_pos, v)
+        return keys.to(k.dtype), values.to(v.dtype)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Every layer's keys, (layers, batch, kv_heads, max_seq_len, head_dim): a copy, for looking at."""
+        return torch.stack(self.keys)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return torch.stack(self.values)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.keys + self.values)
 
 
 def write_at_positions(buffer: torch.Tensor, start_pos: torch.Tensor, new: torch.Tensor) -> None:
@@ -90,30 +102,32 @@ class QuantizedKVCache:
 
     def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
                  device: str | torch.device = "cpu"):
-        shape = (config.n_layers, batch, config.n_kv_heads, max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
-        self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+        shape = (batch, config.n_kv_heads, max_seq_len, config.head_dim)
+
+        def per_layer(shape, dtype):                  # one buffer per layer, as in KVCache
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.keys, self.values = per_layer(shape, torch.int8), per_layer(shape, torch.int8)
+        self.key_scales = per_layer(shape[:-1] + (1,), torch.float32)
+        self.value_scales = per_layer(shape[:-1] + (1,), torch.float32)
         self.max_seq_len = max_seq_len
 
     def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
         (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+        stored = (self.keys[layer], self.key_scales[layer], self.values[layer], self.value_scales[layer])
         if isinstance(start_pos, int):
             end = start_pos + k.shape[2]
-            self.k[layer, :, :, start_pos:end], self.k_scale[layer, :, :, start_pos:end] = qk, sk
-            self.v[layer, :, :, start_pos:end], self.v_scale[layer, :, :, start_pos:end] = qv, sv
+            for buffer, new in zip(stored, (qk, sk, qv, sv)):
+                buffer[:, :, start_pos:end] = new
         else:
             end = self.max_seq_len
-            for buffer, new in ((self.k, qk), (self.k_scale, sk), (self.v, qv), (self.v_scale, sv)):
-                write_at_positions(buffer[layer], start_pos, new)
-        keys = self.k[layer, :, :, :end] * self.k_scale[layer, :, :, :end]        # dequantize what is read
-        values = self.v[layer, :, :, :end] * self.v_scale[layer, :, :, :end]
-        return keys.to(k.dtype), values.to(v.dtype)
+            for buffer, new in zip(stored, (qk, sk, qv, sv)):
+                write_at_positions(buffer, start_pos, new)
+        keys, key_scales, values, value_scales = (t[:, :, :end] for t in stored)
+        return (keys * key_scales).to(k.dtype), (values * value_scales).to(v.dtype)   # dequantize what is read
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale))
+        return sum(t.nbytes for t in self.keys + self.values + self.key_scales + self.value_scales)
 
 
 class BlockPool:

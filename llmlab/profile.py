@@ -177,8 +177,9 @@ def stage_weight_bytes(model: nn.Module) -> dict[str, float]:
 def kv_bytes_per_value(cache) -> float:
     """Bytes the cache stores per key or value element: the dtype's size, or for the int8 cache one
     byte plus its share of the per-vector fp32 scale. A paged cache's are its pool's."""
-    store = getattr(cache, "pool", cache)
-    return store.nbytes / (store.k.numel() + store.v.numel())
+    if hasattr(cache, "pool"):
+        return cache.pool.nbytes / (cache.pool.k.numel() + cache.pool.v.numel())
+    return cache.nbytes / sum(t.numel() for t in cache.keys + cache.values)
 
 
 def stage_costs(config: ModelConfig, n_new: int, context: int, itemsize: int = 4,

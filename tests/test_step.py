@@ -127,7 +127,8 @@ def test_a_batch_of_different_lengths_equals_each_sequence_alone(llm):
     for row, ids in enumerate((first, second)):    # prefill each row into the shared batch cache
         one = KVCache(llm.config, 64)
         llm.model(torch.tensor([ids[:-1]]), start_pos=0, cache=one)
-        cache.k[:, row], cache.v[:, row] = one.k[:, 0], one.v[:, 0]
+        for layer in range(llm.config.n_layers):
+            cache.keys[layer][row], cache.values[layer][row] = one.keys[layer][0], one.values[layer][0]
     last = torch.tensor([[first[-1]], [second[-1]]])
     together = llm.model(last, start_pos=torch.tensor([len(first) - 1, len(second) - 1]), cache=cache)[:, -1]
     for row in range(2):
