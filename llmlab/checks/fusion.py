@@ -164,7 +164,8 @@ def check_greedy_step(greedy_step) -> None:
     model, stop_id = _tiny_model(), 2
     gen = torch.Generator().manual_seed(80)
     cache = KVCache(model.config, model.config.max_seq_len, batch=3)
-    cache.k.normal_(generator=gen), cache.v.normal_(generator=gen)           # what earlier steps wrote
+    for buffer in cache.keys + cache.values:                                # what earlier steps wrote
+        buffer.normal_(generator=gen)
     token = torch.randint(3, model.config.vocab_size, (3, 1), generator=gen)
     token[1, 0] = stop_id                                                   # row 1 has finished
     pos = torch.tensor([5, 9, 17])                                         # every row at its own position
