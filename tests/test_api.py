@@ -45,7 +45,7 @@ def test_unknown_preset():
 
 
 def test_unknown_dtype_and_device():
-    with raises("unknown dtype 'int3'"):
+    with raises("dtype='int3' is not a valid choice; dtype takes one of: fp32, bf16, fp16"):
         llmlab.load(dtype="int3")
     with raises("unknown device 'gpu0'"):
         llmlab.load(device="gpu0")

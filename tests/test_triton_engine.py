@@ -46,9 +46,9 @@ def test_triton_greedy_tokens_match_pytorch_on_cpu():
 
 
 def test_unknown_switch_values_are_refused():
-    with pytest.raises(llmlab.LlmlabError, match="unknown attention 'flash'.*naive, sdpa, triton"):
+    with pytest.raises(llmlab.LlmlabError, match="attention='flash' is not a valid choice; attention takes one of: naive, sdpa, triton"):
         llmlab.load("preset:smollm2-135m", attention="flash")
-    with pytest.raises(llmlab.LlmlabError, match="unknown kernels 'cuda'.*torch, triton"):
+    with pytest.raises(llmlab.LlmlabError, match="kernels='cuda' is not a valid choice; kernels takes one of: torch, triton"):
         llmlab.load("preset:smollm2-135m", kernels="cuda")
 
 
