@@ -182,14 +182,20 @@ def greedy(llm, n=64, **sampling):
     return list(llm.generate_ids(ids, n, stop_ids=set(), **sampling))
 
 
-def test_fixed_shape_step_gives_the_eager_tokens(llm):
-    """The Decoder run eagerly (no compile): the same 64 greedy tokens, fp32, as the plain loop."""
+@pytest.mark.parametrize("kv_cache", ["static", "kv-int8"])
+def test_fixed_shape_step_gives_the_eager_tokens(llm, kv_cache):
+    """The Decoder run eagerly (no compile): the same 64 greedy tokens, fp32, as the plain loop with
+    the same cache layout. Not asked of kv-bf16: the masked whole-cache read differs from the sliced
+    one by fp32 rounding (~1e-5), and storing in bf16 turns such a difference into a whole bf16 step
+    (0.03 at a value of 5) whenever a value sits on a rounding boundary; its logits then move by ~0.01
+    and a near-tie (12.651 vs 12.648 after 17 tokens here) can flip. That cache is held to the
+    reduced-precision bounds of test_kv_cache instead."""
     ids = llm.tokenizer.encode(PROMPT)
-    decoder = Decoder(llm.model, EngineOptions(), SamplingParams(), 1, bucket(len(ids) + 64))
+    decoder = Decoder(llm.model, EngineOptions(kv_cache=kv_cache), SamplingParams(), 1, bucket(len(ids) + 64))
     tokens = decoder.start(torch.tensor([ids]), seed=0).tolist()
     while len(tokens) < 64:
         tokens += decoder.next_tokens()[0].tolist()
-    assert tokens == greedy(llm)
+    assert tokens == greedy(llm, kv_cache=kv_cache)
 
 
 def dynamo_graphs() -> int:
