@@ -223,14 +223,17 @@ KV_CACHES = SWITCHES["kv_cache"][0]
 
 
 def make_cache(kind: str, config: ModelConfig, max_seq_len: int, dtype: torch.dtype,
-               device: str | torch.device, block_size: int = 16):
-    """The engine's KV-cache switch, for one sequence of up to max_seq_len tokens."""
+               device: str | torch.device, block_size: int = 16, batch: int = 1):
+    """The engine's KV-cache switch, for `batch` sequences of up to max_seq_len tokens (paged: one)."""
     if kind == "static":
-        return KVCache(config, max_seq_len, dtype=dtype, device=device)
+        return KVCache(config, max_seq_len, batch, dtype=dtype, device=device)
     if kind in ("kv-bf16", "kv-fp16"):
-        return KVCache(config, max_seq_len, dtype={"kv-bf16": torch.bfloat16, "kv-fp16": torch.float16}[kind], device=device)
+        return KVCache(config, max_seq_len, batch, dtype={"kv-bf16": torch.bfloat16, "kv-fp16": torch.float16}[kind],
+                       device=device)
     if kind == "kv-int8":
-        return QuantizedKVCache(config, max_seq_len, device=device)
+        return QuantizedKVCache(config, max_seq_len, batch, device=device)
+    if batch != 1:
+        raise LlmlabError("a paged cache here holds one sequence; make one per sequence in a shared BlockPool")
     if kind == "paged":
         pool = BlockPool(config, math.ceil(max_seq_len / block_size), block_size, dtype=dtype, device=device)
         return PagedKVCache(pool)

@@ -72,7 +72,7 @@ class Decoder:
             raise LlmlabError(f"cuda_graphs=True needs a CUDA device; this model is on {device}")
         self.k = options.steps_per_graph
         model.make_rope_table(extra_positions=self.k)
-        self.cache: KVCache | QuantizedKVCache = make_cache(options.kv_cache, config, max_len, dtype, device)
+        self.cache: KVCache | QuantizedKVCache = make_cache(options.kv_cache, config, max_len, dtype, device, batch=batch)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.seed = torch.zeros(batch, dtype=torch.long, device=device)

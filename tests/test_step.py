@@ -284,3 +284,16 @@ def test_gpu_compiled_bf16_logits_close_to_eager():
     llm = llmlab.load("preset:llama-3.2-1b", dtype="bf16", device="cuda")
     fast, eager = compiled_and_eager_bf16_logits(llm, "cuda")
     torch.testing.assert_close(fast, eager, atol=BF16_ATOL, rtol=BF16_RTOL)
+
+
+def test_a_batch_of_prompts_decodes_as_each_prompt_alone(llm, shakespeare_text):
+    """Two prompts of the same length in one Decoder (batch 2): each row's 16 greedy tokens, fp32, are
+    the tokens of its prompt decoded alone by the plain loop."""
+    ids = llm.tokenizer.encode(shakespeare_text[3000:6000])
+    prompts = [ids[:24], ids[100:124]]
+    decoder = Decoder(llm.model, EngineOptions(), SamplingParams(), 2, bucket(24 + 16))
+    rows = decoder.start(torch.tensor(prompts), seed=0)[:, None]
+    while rows.shape[1] < 16:
+        rows = torch.cat([rows, decoder.next_tokens()], dim=1)
+    for row, prompt in zip(rows.tolist(), prompts):
+        assert row == list(llm.generate_ids(prompt, 16, stop_ids=set()))
