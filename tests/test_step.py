@@ -42,6 +42,9 @@ def with_options(llm, **switches):
     """The same weights under other switches (fresh decoders)."""
     other = copy.copy(llm)
     other.options, other._decoders = engine_options(**switches), {}
+    if other.options.attention != llm.options.attention:     # a switch held by the model's modules
+        other.model = copy.deepcopy(llm.model)
+        other.model.set_attention(other.options.attention)
     return other
 
 
@@ -204,7 +207,8 @@ def dynamo_graphs() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switches", [{"compile": "default"}, {"compile": "default", "steps_per_graph": 4}])
+@pytest.mark.parametrize("switches", [{"compile": "default"}, {"compile": "default", "steps_per_graph": 4},
+                                      {"compile": "default", "attention": "naive"}])
 def test_compiled_step_gives_the_eager_tokens_and_never_recompiles(small, switches):
     compiled = with_options(small, **switches)
     reference = greedy(small)
