@@ -78,7 +78,8 @@ def check_gpt_fast(folder: str | Path, device: torch.device) -> None:
 
 def import_gpt_fast(folder: str | Path) -> tuple:
     """gpt-fast's model and generate modules from `folder`, imported under their own top-level names
-    (as its files import each other) and taken out of sys.modules again; inductor's config as it was."""
+    (as its files import each other) and left loaded: dynamo re-imports a compiled function's module by
+    name. Inductor's config is put back as it was."""
     folder = Path(folder).resolve()
     import torch._functorch.config
     import torch._inductor.config
@@ -86,7 +87,8 @@ def import_gpt_fast(folder: str | Path) -> tuple:
     # a patch to the values they have now puts them back on leaving, whatever generate.py sets
     inductor_now = {name: torch._inductor.config.get_config_copy()[name] for name in INDUCTOR_FLAGS}
     functorch_now = {name: getattr(torch._functorch.config, name) for name in FUNCTORCH_FLAGS}
-    saved_modules = {name: sys.modules.pop(name) for name in GPT_FAST_MODULES if name in sys.modules}
+    for name in GPT_FAST_MODULES:        # a module of the same name imported before is not gpt-fast's
+        sys.modules.pop(name, None)
     saved_path = list(sys.path)          # generate.py appends a folder of its own to sys.path
     sys.path.insert(0, str(folder))
     try:
