@@ -4,6 +4,7 @@
     play_text(name)         one play, e.g. "hamlet_gut.txt"
     prompt_ids(tok, n)      exactly n token ids of real text (Hamlet from its first line): bench prompts
     held_out_text()         the two plays no part of the workbook trains on: quality scores
+    training_plays()        every other play: what calibration and distillation may read
 
 A leaf module: it imports nothing of the engine, so any module (the engine's, the tests', the
 notebooks') can read the corpus from here without importing a model.
@@ -53,6 +54,11 @@ def shakespeare_text(n_chars: int | None = None, first: str | None = None) -> st
 def held_out_text() -> str:
     """The held-out plays (HELD_OUT_PLAYS), joined."""
     return "\n\n".join(play_text(play) for play in HELD_OUT_PLAYS)
+
+
+def training_plays() -> list[str]:
+    """The file names of every play but the held-out ones, sorted: calibration and training text."""
+    return sorted(f.name for f in shakespeare_dir().glob("*.txt") if f.name not in HELD_OUT_PLAYS)
 
 
 def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
