@@ -233,6 +233,8 @@ def add_switch_flags(parser: argparse.ArgumentParser, lists: bool = False) -> No
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif allowed is int:
             group.add_argument(flag, type=int, metavar="N", help=text)
+        elif allowed is str:      # free text, checked by EngineOptions with its own parser's message
+            group.add_argument(flag, metavar="SPEC", help=text)
         elif lists and name in LIST_SWITCHES:
             group.add_argument(flag, type=_comma_list(name), choices=CommaSeparated(allowed),
                                metavar="A,B,...", help=f"{text}; several, comma-separated: one engine each "
@@ -253,6 +255,8 @@ def switch_value(name: str, text: str, where: str):
         if text.lower() not in ("true", "false"):
             raise LlmlabError(f"{where}: {name} takes true or false, not {text!r}")
         return text.lower() == "true"
+    if allowed is str:
+        return text
     if allowed is int or isinstance(allowed[0], int):
         try:
             return int(text)

@@ -1,4 +1,5 @@
-"""Load a Hugging Face model folder: config.json, *.safetensors weights and tokenizer.json."""
+"""Hugging Face model folders: config.json, *.safetensors weights and tokenizer.json. `load_folder`
+reads one; `save_folder` writes an LLM as one (a pruned or distilled model, to load again later)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import ModelConfig, config_from_hf
+from .config import LAYER_WIDTH_KEYS, ModelConfig, config_from_hf
 from .errors import LlmlabError
 from .tokenizer import Tokenizer
 
@@ -24,6 +26,10 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "head.weight"}
+
+
+_HF_LAYER_NAMES = {llmlab: hf for hf, llmlab in _LAYER_NAMES.items()}
+_HF_TOP_NAMES = {llmlab: hf for hf, llmlab in _TOP_NAMES.items()}
 
 
 def hf_name_to_llmlab(name: str) -> str:
@@ -97,3 +103,95 @@ def _is_smollm_pre_tokenizer(pre: dict | None) -> bool:
     return (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True)
             and not steps[1].get("add_prefix_space", False))
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+def llmlab_name_to_hf(name: str) -> str:
+    if name in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[name]
+    prefix, _, rest = name.partition(".")
+    layer, _, kind = rest.partition(".")
+    if prefix != "layers" or kind not in _HF_LAYER_NAMES:
+        raise LlmlabError(f"cannot save weight {name!r} under a Hugging Face name: save_folder writes plain "
+                          f"float weights, so save a model before quantizing it")
+    return f"model.layers.{layer}.{_HF_LAYER_NAMES[kind]}"
+
+
+def config_to_hf(config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """Hugging Face's Llama config.json keys for `config` (config_from_hf reads them back)."""
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+          "hidden_size": config.dim, "num_hidden_layers": config.n_layers, "head_dim": config.head_dim,
+          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rms_norm_eps": config.norm_eps,
+          # rope_theta for transformers 4.x, rope_parameters for 5.x
+          "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+          "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tie_embeddings,
+          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    widths = {"intermediate_size": ("layer_ffn_dims", config.ffn_dim, config.ffn_dim_of),
+              "num_attention_heads": ("layer_heads", config.n_heads, config.heads_of),
+              "num_key_value_heads": ("layer_kv_heads", config.n_kv_heads, config.kv_heads_of)}
+    for key, (field, uniform, width_of) in widths.items():
+        per_layer = [width_of(i) for i in range(config.n_layers)]
+        if len(set(per_layer)) == 1:       # the same in every layer: Hugging Face's key says it all
+            hf[key] = per_layer[0]
+        else:
+            hf[key], hf[LAYER_WIDTH_KEYS[field]] = uniform, per_layer
+    return hf
+
+
+def tokenizer_to_hf(tokenizer: Tokenizer) -> tuple[dict, dict]:
+    """tokenizer.json and tokenizer_config.json for llmlab's byte-level BPE tokenizer, in the form
+    SmolLM2's own folder has them: the vocabulary, the merges in rank order, the control tokens as
+    added tokens, and SmolLM2's pre-tokenizer (each digit alone, then GPT-2's byte-level split).
+    Added tokens that are not control tokens (SmolLM2 has none) are not written."""
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise LlmlabError("save_folder needs a tokenizer with bos and eos tokens: tokenizer_config.json names them")
+    merges = sorted(tokenizer.merge_ranks, key=tokenizer.merge_ranks.get)
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokenizer.tokens[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i in sorted(tokenizer.special_ids)],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": tokenizer.token_to_id, "merges": [list(pair) for pair in merges]},
+    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.tokens[tokenizer.bos_id],
+              "eos_token": tokenizer.tokens[tokenizer.eos_id], "chat_template": tokenizer.chat_template}
+    return spec, config
+
+
+def save_folder(llm, folder: str | Path) -> Path:
+    """Save an LLM as a model folder that `llmlab.load(folder)` reads back: config.json,
+    model.safetensors (the model's weights in its dtype, under Hugging Face's names; a tied head is
+    stored once, as transformers does), tokenizer.json and tokenizer_config.json.
+
+    A model whose layers all have the same widths, unpruned or pruned alike in every layer, is a
+    plain Llama folder that transformers loads too. Widths that differ from layer to layer are
+    written as llmlab_layer_* keys (config.LAYER_WIDTH_KEYS) beside Hugging Face's: such a folder is
+    llmlab's only, since transformers builds every layer alike and would refuse its weights."""
+    if llm.tokenizer is None:
+        raise LlmlabError(f"{llm.source} has no tokenizer, and a model folder needs tokenizer.json")
+    folder = Path(folder)
+    others = [f.name for f in folder.glob("*.safetensors") if f.name != "model.safetensors"]
+    if others:       # load_folder reads every *.safetensors file: old shards would mix into this model
+        raise LlmlabError(f"{folder} already holds {', '.join(others)}: save into an empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = llm.model.state_dict()
+    if llm.config.tie_embeddings:
+        state.pop("head.weight")
+    # clones: fused projections are row slices of one stacked matrix, and safetensors refuses
+    # tensors that share memory
+    tensors = {llmlab_name_to_hf(name): w.detach().to("cpu", copy=True).contiguous() for name, w in state.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_hf(llm.config, llm.tokenizer), indent=2))
+    spec, tokenizer_config = tokenizer_to_hf(llm.tokenizer)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    return folder

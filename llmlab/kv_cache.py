@@ -20,6 +20,9 @@ KVCache           one contiguous preallocated buffer per sequence (optionally st
 QuantizedKVCache  the same, stored as int8 with one scale per (head, token)
 PagedKVCache      fixed-size blocks from a shared BlockPool, found through a block table (eager only:
                   its block table grows on the host)
+
+Each layer has its own buffers, as wide as that layer's key/value heads (`config.kv_heads_of`): the
+layers of a structurally pruned model may keep different numbers of heads.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from .options import SWITCHES
 
 
 class KVCache:
-    """Contiguous buffers, one (batch, kv_heads, max_seq_len, head_dim) per layer, allocated once.
+    """Contiguous buffers, one (batch, kv_heads, max_seq_len, head_dim) per layer, allocated once
+    (kv_heads: that layer's).
 
     `dtype` is how the cache stores values; reads come back in the dtype of the keys written (the
     model's), so a bf16 cache under an fp32 model halves the memory and rounds each stored value.
@@ -42,11 +46,11 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (batch, config.n_kv_heads, max_seq_len, config.head_dim)
+        shapes = layer_shapes(config, batch, max_seq_len)
         # One buffer per layer rather than one (layers, ...) tensor: a compiled step writes into its
         # inputs in place, but a write into a slice of one big input makes the compiler copy all of it.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.max_seq_len = max_seq_len
 
     def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
@@ -65,7 +69,8 @@ class KVCache:
 
     @property
     def k(self) -> torch.Tensor:
-        """Every layer's keys, (layers, batch, kv_heads, max_seq_len, head_dim): a copy, for looking at."""
+        """Every layer's keys, (layers, batch, kv_heads, max_seq_len, head_dim): a copy, for looking at
+        (layers of the same width only: read `keys[layer]` of a pruned model's cache)."""
         return torch.stack(self.keys)
 
     @property
@@ -75,6 +80,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys + self.values)
+
+
+def layer_shapes(config: ModelConfig, batch: int, max_seq_len: int) -> list[tuple[int, ...]]:
+    """Each layer's (batch, kv_heads, max_seq_len, head_dim)."""
+    return [(batch, config.kv_heads_of(i), max_seq_len, config.head_dim) for i in range(config.n_layers)]
 
 
 def write_at_positions(buffer: torch.Tensor, start_pos: torch.Tensor, new: torch.Tensor) -> None:
@@ -102,13 +112,13 @@ class QuantizedKVCache:
 
     def __init__(self, config: ModelConfig, max_seq_len: int, batch: int = 1,
                  device: str | torch.device = "cpu"):
-        shape = (batch, config.n_kv_heads, max_seq_len, config.head_dim)
+        shapes = layer_shapes(config, batch, max_seq_len)
+        scale_shapes = [shape[:-1] + (1,) for shape in shapes]      # one scale per (head, token)
 
-        def per_layer(shape, dtype):                  # one buffer per layer, as in KVCache
-            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.keys, self.values = per_layer(shape, torch.int8), per_layer(shape, torch.int8)
-        self.key_scales = per_layer(shape[:-1] + (1,), torch.float32)
-        self.value_scales = per_layer(shape[:-1] + (1,), torch.float32)
+        def zeros(shapes, dtype):                     # one buffer per layer, as in KVCache
+            return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.keys, self.values = zeros(shapes, torch.int8), zeros(shapes, torch.int8)
+        self.key_scales, self.value_scales = zeros(scale_shapes, torch.float32), zeros(scale_shapes, torch.float32)
         self.max_seq_len = max_seq_len
 
     def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
@@ -133,31 +143,32 @@ class QuantizedKVCache:
 class BlockPool:
     """Physical KV memory as fixed-size blocks of `block_size` tokens, shared by many sequences.
 
-    Shape (layers, kv_heads, n_blocks, block_size, head_dim): for one layer and head, a sequence's
-    blocks gathered in block-table order are its keys in position order, with a single copy.
+    `k[layer]` and `v[layer]` are (kv_heads, n_blocks, block_size, head_dim), kv_heads that layer's:
+    for one layer and head, a sequence's blocks gathered in block-table order are its keys in
+    position order, with a single copy.
     A sequence takes a block only when it fills the previous one, so at most block_size - 1 slots per
     sequence are ever unused, where a contiguous cache reserves max_seq_len slots for every sequence.
     """
 
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (config.n_layers, config.n_kv_heads, n_blocks, block_size, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shapes = [(config.kv_heads_of(i), n_blocks, block_size, config.head_dim) for i in range(config.n_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.block_size = block_size
         self.free_blocks = list(range(n_blocks - 1, -1, -1))   # a stack: pop() hands out block 0 first
 
     @property
     def n_blocks(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.k + self.v)
 
     def block(self, layer: int, index: int) -> torch.Tensor:
         """The keys stored in one physical block: (kv_heads, block_size, head_dim)."""
-        return self.k[layer, :, index]
+        return self.k[layer][:, index]
 
     def allocate(self) -> int:
         if not self.free_blocks:

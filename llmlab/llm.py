@@ -17,7 +17,7 @@ from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
 from .model import Transformer
-from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options
+from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity
 from .quant import quantize_model
 from .sampling import SamplingParams
 from .step import Decoder, bucket
@@ -206,7 +206,8 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
 
     source: None for the bundled SmolLM2-135M-Instruct; a `.gguf` file; a Hugging Face folder
     (config.json, *.safetensors, tokenizer.json); or "preset:NAME" for random weights of a real
-    shape (`seed` fixes them), for speed work where weights don't matter.
+    shape (`seed` fixes them), for speed work where weights don't matter; or "student:NAME" for a
+    student saved by `python -m llmlab.compress.distill --name NAME` (llmlab.compress.student.student_dir).
 
     switches (llmlab.options.SWITCHES says each one's values and meaning):
     dtype, weights, group_size: the dtype the model runs in (fp32 by default) and how its linear
@@ -219,17 +220,35 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     correct, and very slow; for stepping through and testing, on tiny models.
     kv_cache: the cache layout generation uses. compile, cuda_graphs, steps_per_graph: run decoding
     through the fixed-shape step (llmlab.step), compiled by torch.compile and/or captured in CUDA graphs.
+    sparsity: "none", "magnitude:S", "magnitude-global:S", "wanda:S", "2:4" or "2:4-magnitude": the
+    blocks' linear weights pruned to exact zeros (llmlab.compress.unstructured, .semi_structured) from
+    the fp32 weights, before the cast to dtype, fusing or quantizing; Wanda calibrates on a training
+    play with the model's tokenizer. The zeros are stored densely: on every device the matmuls cost
+    what they did (the GPU's 2:4 kernels are timed by llmlab.compress.semi_structured.benchmark).
     """
     options = engine_options(**switches)
     dev = parse_device(device)
     if options.cuda_graphs and dev.type != "cuda":
         raise LlmlabError(f"cuda_graphs=True needs a CUDA device; device={device!r}")
     model_dtype = options.model_dtype
+    sparsity = parse_sparsity(options.sparsity)
+    # quantizing and pruning both start from the fp32 weights: prune first, then quantize (int8's and
+    # fp8's zero is exact, so the zeros stay) or cast to the model's dtype, then fuse
+    from_fp32 = options.weights in QUANTIZED_WEIGHTS or sparsity is not None
+    llm = _load(source, "fp32" if from_fp32 else model_dtype, device, seed)
+    if sparsity is not None:
+        # imported here: imported with llmlab, `python -m llmlab.compress.semi_structured` (its GPU
+        # benchmark) would find itself in sys.modules before it runs, and warn
+        from .compress import semi_structured, unstructured
+        score, fraction, scope = sparsity
+        if scope == "2:4":
+            semi_structured.prune_2_4(llm, score)
+        else:
+            unstructured.prune(llm, score, fraction, scope)
     if options.weights in QUANTIZED_WEIGHTS:
-        llm = _load(source, "fp32", device, seed)
         quantize_model(llm.model, options.weights, options.group_size, parse_dtype(model_dtype))
     else:
-        llm = _load(source, model_dtype, device, seed)
+        llm.model.to(parse_dtype(model_dtype))
         llm.model.fuse_projections(options.fused)
     llm.model.set_attention(options.attention)
     llm.model.set_kernels(options.kernels)
@@ -248,11 +267,18 @@ def _load(source, dtype: str, device: str, seed: int) -> LLM:
         model = random_model(config, torch_dtype, dev, seed)
         tokenizer = _bundled_tokenizer_or_none()
         return LLM(model, tokenizer, source_str)
+    if source_str.startswith("student:"):
+        from .compress.student import student_dir     # here: llmlab.compress imports this module
+        name = source_str.removeprefix("student:")
+        source = student_dir(name)
+        if not source.is_dir():
+            raise LlmlabError(f"no student {name!r} in {source}: distil one with  python -m "
+                              f"llmlab.compress.distill --name {name}  (or load a saved folder by its path)")
     path = Path(source)
     if not path.exists():
         raise LlmlabError(
             f"{path}: no such file or folder. Give a .gguf file, a Hugging Face model folder, "
-            f"'preset:NAME', or nothing for the bundled SmolLM2"
+            f"'preset:NAME', 'student:NAME', or nothing for the bundled SmolLM2"
         )
     if path.is_dir():
         config, state, tokenizer = hf.load_folder(path)

@@ -5,6 +5,8 @@
 
 then a final RMSNorm and the LM head (tied to the embedding in SmolLM2). One forward pass runs both
 prefill (many tokens at once) and decode (one token), reading and extending a KV cache if given.
+Each block is built with its own layer's widths (heads, KV heads, MLP channels), which differ from
+layer to layer only in a structurally pruned model (llmlab.compress.structured).
 
 Positions come in two forms (see llmlab.kv_cache): a Python int `start_pos`, the eager reference whose
 shapes grow with the sequence, or a (batch,) tensor of each sequence's next position, the fixed-shape
@@ -93,13 +95,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Grouped-query attention of layer `layer`, with that layer's head counts (a pruned model's
+    layers may differ; every layer of an unpruned one is the same)."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.n_heads, self.n_kv_heads = config.heads_of(layer), config.kv_heads_of(layer)
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.backend = "sdpa"
         self.kernels = "torch"
         # [W_q; W_k; W_v], set by Transformer.fuse_projections; a buffer so that .to() converts it too
@@ -139,13 +145,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: W_down (silu(W_gate x) * W_up x)."""
+    """SwiGLU: W_down (silu(W_gate x) * W_up x), as wide as layer `layer`'s ffn_dim_of."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        ffn_dim = config.ffn_dim_of(layer)
+        self.w_gate = nn.Linear(config.dim, ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.dim, ffn_dim, bias=False)
+        self.w_down = nn.Linear(ffn_dim, config.dim, bias=False)
         self.register_buffer("w_gate_up", None, persistent=False)   # [W_gate; W_up], the same way
         self.kernels = "torch"
 
@@ -171,12 +178,12 @@ def stack_rows(*linears: nn.Linear) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x, cos, sin, layer, start_pos, cache, mask=None):
         with stage("norms"):
@@ -202,7 +209,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

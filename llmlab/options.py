@@ -18,8 +18,14 @@ from .errors import LlmlabError
 FLOAT_WEIGHTS = ("fp32", "bf16", "fp16")
 QUANTIZED_WEIGHTS = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)   # what PyTorch's CPU int4 kernel accepts
+# sparsity= values: "none", SCORE:S (each block linear loses a fraction S), magnitude-global:S (S of all
+# of them together, by one threshold) or a 2:4 pattern (two of every four inputs kept)
+SPARSITY_SCORES = ("magnitude", "wanda")
+SPARSITY_PATTERNS = {"2:4": "wanda", "2:4-magnitude": "magnitude"}     # pattern -> the score it keeps by
+SPARSITY_EXAMPLES = ("none", "magnitude:0.5", "magnitude-global:0.5", "wanda:0.5", "2:4", "2:4-magnitude")
 
-# name -> (allowed values, or a type for free values; what the switch does)
+# name -> (allowed values, or a type for free values: bool, int, or str for a text that its own parser
+# checks (sparsity: parse_sparsity); what the switch does)
 SWITCHES = {
     "dtype": (FLOAT_WEIGHTS, "the dtype the model computes in (fp32 unless weights= says otherwise; "
                              "bf16 under quantized weights)"),
@@ -39,6 +45,10 @@ SWITCHES = {
     "cuda_graphs": (bool, "capture the decode step in a torch.cuda.CUDAGraph and replay it (CUDA only)"),
     "steps_per_graph": (int, "decode steps run per compiled call / graph replay, without the host "
                              "looking at the tokens in between (stop tokens are checked after each)"),
+    "sparsity": (str, "prune the blocks' linear weights to exact zeros, from the fp32 weights, before they are "
+                      "fused or quantized: none; magnitude:S or wanda:S (S in [0, 1) of every layer, Wanda "
+                      "calibrated on a training play); magnitude-global:S (one threshold over all layers); "
+                      "2:4 (two of every four inputs kept, by Wanda score) or 2:4-magnitude"),
 }
 MAX_STEPS_PER_GRAPH = 64
 
@@ -49,6 +59,8 @@ def _describe(name: str) -> str:
         return "True or False"
     if allowed is int:
         return f"an integer from 1 to {MAX_STEPS_PER_GRAPH}"
+    if allowed is str:
+        return "a text such as " + ", ".join(SPARSITY_EXAMPLES)
     return "one of: " + ", ".join(map(str, allowed))
 
 
@@ -58,6 +70,8 @@ def _valid(name: str, value) -> bool:
         return type(value) is bool                       # "no", 0 and None are not booleans
     if allowed is int:
         return type(value) is int and 1 <= value <= MAX_STEPS_PER_GRAPH
+    if allowed is str:
+        return type(value) is str                        # its own parser says what is wrong inside it
     return type(value) in (str, int) and value in allowed and type(value) is type(allowed[0])
 
 
@@ -75,6 +89,7 @@ class EngineOptions:
     compile: str = "none"
     cuda_graphs: bool = False
     steps_per_graph: int = 1
+    sparsity: str = "none"
 
     def __post_init__(self):
         for f in fields(self):
@@ -99,6 +114,11 @@ class EngineOptions:
         if self.steps_per_graph > 1 and not self.graph_ready:
             raise LlmlabError("steps_per_graph > 1 runs several decode steps per compiled call or graph: "
                               "turn on compile or cuda_graphs as well")
+        parse_sparsity(self.sparsity)
+        if self.sparsity != "none" and self.weights == "int4":
+            raise LlmlabError("sparsity with weights='int4' would not stay sparse: int4 is asymmetric (each "
+                              "group's grid starts at its minimum), so a pruned zero comes back as a small "
+                              "non-zero; use weights='int8' or 'fp8' (symmetric: zero stays exact) or a float")
 
     @property
     def graph_ready(self) -> bool:
@@ -124,6 +144,40 @@ class EngineOptions:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "model_dtype": self.model_dtype}
+
+
+def check_sparsity(sparsity) -> None:
+    """A fraction of weights to prune: 0 <= sparsity < 1 (1 would leave a layer with nothing)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise LlmlabError(f"sparsity must be a fraction in [0, 1), e.g. 0.5 for half the weights; got {sparsity!r}")
+
+
+def parse_sparsity(spec: str) -> tuple[str, float, str] | None:
+    """The sparsity switch as (score, fraction pruned, scope), or None for "none".
+
+    "wanda:0.5" -> ("wanda", 0.5, "layer"); "magnitude-global:0.3" -> ("magnitude", 0.3, "global");
+    "2:4" -> ("wanda", 0.5, "2:4"); "2:4-magnitude" -> ("magnitude", 0.5, "2:4").
+    """
+    if spec == "none":
+        return None
+    if spec in SPARSITY_PATTERNS:
+        return SPARSITY_PATTERNS[spec], 0.5, "2:4"
+    method, colon, fraction = spec.partition(":")
+    score, scope = method.removesuffix("-global"), "global" if method.endswith("-global") else "layer"
+    if not colon or score not in SPARSITY_SCORES:
+        raise LlmlabError(f"sparsity={spec!r}: write none, magnitude:S, magnitude-global:S, wanda:S (S a fraction "
+                          f"in [0, 1)), 2:4 or 2:4-magnitude")
+    if (score, scope) == ("wanda", "global"):
+        raise LlmlabError("sparsity='wanda-global:...' is not offered: Wanda compares |W_ij|·‖X_j‖ within each "
+                          "output row (Sun et al. 2023), and scores of different layers are scaled by "
+                          "different inputs, so one threshold across layers would not compare like with like; "
+                          "use wanda:S (each layer, row by row) or magnitude-global:S")
+    try:
+        value = float(fraction)
+    except ValueError:
+        raise LlmlabError(f"sparsity={spec!r}: {fraction!r} is not a number; give a fraction such as 0.5") from None
+    check_sparsity(value)
+    return score, value, scope
 
 
 def engine_options(**switches) -> EngineOptions:

@@ -133,17 +133,26 @@ class StageCost:
 WEIGHT_STAGES = ("embedding", "norms", "qkv_projections", "output_projection", "mlp", "lm_head")
 
 
+def summed_widths(config: ModelConfig) -> tuple[int, int, int]:
+    """The query width (heads x head_dim), key/value width and MLP width, each summed over the layers:
+    every per-layer count below is linear in them, so these sums price layers of different widths
+    (a structurally pruned model) as well as equal ones (n_layers x the width)."""
+    layers, hd = range(config.n_layers), config.head_dim
+    return (sum(config.heads_of(i) for i in layers) * hd, sum(config.kv_heads_of(i) for i in layers) * hd,
+            sum(config.ffn_dim_of(i) for i in layers))
+
+
 def dense_weight_bytes(config: ModelConfig, itemsize: int) -> dict[str, float]:
     """Bytes of each stage's weights, every weight stored in one float format of `itemsize` bytes;
     "embedding" is the whole table (a step reads only its tokens' rows of it)."""
-    d, layers, hd = config.dim, config.n_layers, config.head_dim
-    q_dim, kv_dim = config.n_heads * hd, config.n_kv_heads * hd
+    d, layers = config.dim, config.n_layers
+    q_dims, kv_dims, ffn_dims = summed_widths(config)
     return {name: count * itemsize for name, count in {
         "embedding": config.vocab_size * d,
         "norms": (2 * layers + 1) * d,
-        "qkv_projections": layers * d * (q_dim + 2 * kv_dim),
-        "output_projection": layers * q_dim * d,
-        "mlp": layers * 3 * d * config.ffn_dim,
+        "qkv_projections": d * (q_dims + 2 * kv_dims),
+        "output_projection": q_dims * d,
+        "mlp": 3 * d * ffn_dims,
         "lm_head": config.vocab_size * d,
     }.items()}
 
@@ -178,7 +187,7 @@ def kv_bytes_per_value(cache) -> float:
     """Bytes the cache stores per key or value element: the dtype's size, or for the int8 cache one
     byte plus its share of the per-vector fp32 scale. A paged cache's are its pool's."""
     if hasattr(cache, "pool"):
-        return cache.pool.nbytes / (cache.pool.k.numel() + cache.pool.v.numel())
+        return cache.pool.nbytes / sum(t.numel() for t in cache.pool.k + cache.pool.v)
     return cache.nbytes / sum(t.numel() for t in cache.keys + cache.values)
 
 
@@ -210,31 +219,30 @@ def stage_costs(config: ModelConfig, n_new: int, context: int, itemsize: int = 4
       cache's blocks gathered) are not counted; sampling reads fp32 logits (greedy argmax).
     """
     d, layers, vocab, hd = config.dim, config.n_layers, config.vocab_size, config.head_dim
-    q_dim, kv_dim, ffn = config.n_heads * hd, config.n_kv_heads * hd, config.ffn_dim
+    # q, kv, ffn: widths summed over the layers (summed_widths), so every term below is the whole
+    # model's; a term without them (layers * ...) is the same in every layer
+    q, kv, ffn = summed_widths(config)
     n, s = n_new, itemsize
     kv_s = itemsize if kv_itemsize is None else kv_itemsize
     w = dense_weight_bytes(config, itemsize) if weight_bytes is None else weight_bytes
 
-    def per_layer(flops, activation_bytes, weights=0.0):
-        return StageCost(layers * flops, weights, layers * activation_bytes)
-
     n_norms = 2 * layers + 1
     norms = StageCost(n_norms * 4 * n * d, w["norms"], n_norms * 2 * n * d * s)
-    residual = per_layer(2 * n * d, 6 * n * d * s)
+    residual = StageCost(layers * 2 * n * d, 0, layers * 6 * n * d * s)
     if fused_residual:                 # one add of each layer moves into the norm: reads x, writes h
         norms = StageCost(norms.flops + layers * n * d, norms.weight_bytes, norms.activation_bytes + layers * 2 * n * d * s)
-        residual = per_layer(n * d, 3 * n * d * s)
+        residual = StageCost(layers * n * d, 0, layers * 3 * n * d * s)
     return {
         "tokenization": StageCost(0, 0, 0),
         "embedding": StageCost(0, w["embedding"] * n / vocab, n * d * s),
         "norms": norms,
-        "qkv_projections": per_layer(2 * n * d * (q_dim + 2 * kv_dim), (n * d + n * (q_dim + 2 * kv_dim)) * s,
-                                     w["qkv_projections"]),
-        "rope": per_layer(3 * n * (q_dim + kv_dim), (2 * n * (q_dim + kv_dim) + 2 * n * hd) * s),
-        "kv_cache": per_layer(0, 2 * n * kv_dim * kv_s),
-        "attention_core": per_layer(4 * n * context * q_dim, 2 * n * q_dim * s + 2 * context * kv_dim * kv_s),
-        "output_projection": per_layer(2 * n * q_dim * d, (n * q_dim + n * d) * s, w["output_projection"]),
-        "mlp": per_layer(6 * n * d * ffn, (2 * n * d + 3 * n * ffn) * s, w["mlp"]),
+        "qkv_projections": StageCost(2 * n * d * (q + 2 * kv), w["qkv_projections"],
+                                     (layers * n * d + n * (q + 2 * kv)) * s),
+        "rope": StageCost(3 * n * (q + kv), 0, (2 * n * (q + kv) + layers * 2 * n * hd) * s),
+        "kv_cache": StageCost(0, 0, 2 * n * kv * kv_s),
+        "attention_core": StageCost(4 * n * context * q, 0, 2 * n * q * s + 2 * context * kv * kv_s),
+        "output_projection": StageCost(2 * n * q * d, w["output_projection"], (n * q + layers * n * d) * s),
+        "mlp": StageCost(6 * n * d * ffn, w["mlp"], (layers * 2 * n * d + 3 * n * ffn) * s),
         "residual": residual,
         "lm_head": StageCost(2 * d * vocab, w["lm_head"], (d + vocab) * s),
         "sampling": StageCost(vocab, 0, vocab * 4),

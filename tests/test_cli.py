@@ -99,6 +99,7 @@ BAD_INPUTS = [
     (["generate", "hi", "--steps-per-graph", "4"], "turn on compile"),
     (["bench", "--engine", "cuda_graphs=maybe"], "cuda_graphs takes true or false"),
     (["bench", "--weights", "fp32,int3"], "invalid choice 'int3'"),
+    (["generate", "hi", "--sparsity", "wanda-global:0.5"], "is not offered"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["generate", "hi", "--device", "cuda"], "no CUDA GPU"))
@@ -132,6 +133,8 @@ def test_every_switch_is_a_flag_with_the_registrys_values(command):
             assert "--no-" + flag[2:] in flags
         elif allowed is int:
             assert flags[flag].type is int
+        elif allowed is str:
+            assert flags[flag].choices is None and flags[flag].metavar == "SPEC"     # checked by EngineOptions
         else:
             assert list(flags[flag].choices) == list(allowed)
 
@@ -157,6 +160,10 @@ def test_bench_engines_from_specs_and_lists():
                      "llmlab[weights=bf16,kv_cache=paged]", "llmlab[dtype=bf16,weights=int8,kv_cache=paged]"]
     plain = cli.bench_engines(cli.build_parser().parse_args(["bench", "--compile", "default"]))
     assert plain == [EngineOptions(compile="default")]
+    sparse = cli.bench_engines(cli.build_parser().parse_args(
+        ["bench", "--sparsity", "wanda:0.5", "--engine", "weights=int8", "--engine", "sparsity=2:4"]))
+    assert [options.name() for options in sparse] == ["llmlab[weights=int8,sparsity=wanda:0.5]",
+                                                      "llmlab[sparsity=2:4]"]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -167,6 +174,7 @@ def test_bench_engines_from_specs_and_lists():
     ("compile=fast", "compile='fast' is not a valid choice"),
     ("steps_per_graph=4", "turn on compile or cuda_graphs"),
     ("compile=default,compile=none", "compile is given twice"),
+    ("sparsity=magnitude:1.5", "sparsity must be a fraction in [0, 1)"),
     ("compile=none", "two engines are both llmlab"),          # the same as the first --engine below
 ])
 def test_bad_engine_specs_are_one_clear_error(spec, message, capsys):

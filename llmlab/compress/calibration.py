@@ -41,7 +41,6 @@ def block_linears(model) -> dict[str, nn.Linear]:
             if hasattr(module, "in_features")}
 
 
-@torch.inference_mode()
 def input_norms(model, ids: list[int], chunk: int = 512) -> dict[str, torch.Tensor]:
     """Linear layer name -> (in_features,) fp32 tensor of ‖X_j‖₂, every input channel's L2 norm over
     the calibration tokens. The text is run in chunks of `chunk` tokens (each its own context), through
@@ -62,9 +61,12 @@ def input_norms(model, ids: list[int], chunk: int = 512) -> dict[str, torch.Tens
     model.fuse_projections(False)
     handles = [linear.register_forward_hook(record(name)) for name, linear in linears.items()]
     try:
-        tokens = torch.tensor([ids], device=model.embed.weight.device)
-        for start in range(0, len(ids), chunk):
-            model(tokens[:, start:start + chunk])
+        # inference mode for the forward passes only: weights re-stacked inside it would become
+        # inference tensors that no later in-place change (pruning's zeros) may touch
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], device=model.embed.weight.device)
+            for start in range(0, len(ids), chunk):
+                model(tokens[:, start:start + chunk])
     finally:
         for handle in handles:
             handle.remove()
