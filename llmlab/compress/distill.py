@@ -173,6 +173,7 @@ def make_optimizer(model: torch.nn.Module, cfg: DistillConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
+@torch.enable_grad()     # a notebook may have turned gradients off globally; training needs them
 def train_step(student: torch.nn.Module, teacher: torch.nn.Module, tokens: torch.Tensor,
                optimizer: torch.optim.Optimizer, lr: float, cfg: DistillConfig, bf16: bool) -> torch.Tensor:
     """One AdamW step on a (batch, seq + 1) batch; returns (total, kl, ce) on the device, unsynced."""
