@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import LAYER_WIDTH_KEYS
 from ..errors import LlmlabError
 from ..llm import LLM, load, model_from_state_dict
-
-PER_LAYER_FIELDS = ("layer_ffn_dims", "layer_heads", "layer_kv_heads")   # ModelConfig's per-layer widths
 
 
 def evenly_spaced_layers(n_layers: int, n_keep: int) -> list[int]:
@@ -52,7 +51,7 @@ def shallow_student(teacher: LLM, keep: Sequence[int], dtype: torch.dtype = torc
         raise LlmlabError(f"keep must be increasing, distinct layer indices in 0..{n - 1}, got {keep}")
     config = teacher.config
     per_layer = {field: tuple(getattr(config, field)[i] for i in keep)
-                 for field in PER_LAYER_FIELDS if getattr(config, field) is not None}
+                 for field in LAYER_WIDTH_KEYS if getattr(config, field) is not None}
     config = replace(config, n_layers=len(keep), **per_layer)
     new_index = {old: new for new, old in enumerate(keep)}
     state = {}
