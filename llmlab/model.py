@@ -32,7 +32,7 @@ from .kv_cache import KVCache
 from .stages import stage
 
 
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "fused-decode")
 
 
 def triton_kernel(name: str):
@@ -231,12 +231,14 @@ class Transformer(nn.Module):
 
     def set_kernels(self, kernels: str) -> None:
         """Switch RMSNorm (with the residual add fused in), RoPE and SwiGLU between PyTorch's operations
-        ("torch") and llmlab's Triton kernels ("triton"). The matmuls stay PyTorch's (cuBLAS)."""
+        ("torch") and llmlab's Triton kernels ("triton"). The matmuls stay PyTorch's (cuBLAS).
+        "fused-decode" leaves this forward on PyTorch's operations: llmlab.fused_decode replaces the
+        decode step as a whole, and prefill runs here."""
         if kernels not in KERNELS:
             raise LlmlabError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
-                module.kernels = kernels
+                module.kernels = "torch" if kernels == "fused-decode" else kernels
 
     def fuse_projections(self, fused: bool = True) -> None:
         """Switch between three q/k/v matmuls and two gate/up matmuls per layer (the plain path) and one

@@ -34,8 +34,10 @@ SWITCHES = {
     "fused": (bool, "one matmul for q/k/v and one for gate/up per layer, over stacked weights"),
     "attention": (("naive", "sdpa", "triton"), "attention backend: the maths written out, PyTorch's "
                                                "SDPA, or llmlab's Triton FlashAttention and decode kernels"),
-    "kernels": (("torch", "triton"), "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or "
-                                     "llmlab's Triton kernels"),
+    "kernels": (("torch", "triton", "fused-decode"),
+                "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or llmlab's Triton kernels; or "
+                "fused-decode: the decode step as six Triton kernels per layer, each matrix-vector product with "
+                "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), prefill on PyTorch ops"),
     "kv_cache": (("static", "paged", "kv-int8", "kv-bf16", "kv-fp16"),
                  "KV cache layout: one preallocated buffer (in the model's dtype, or stored as int8 / "
                  "bf16 / fp16), or fixed-size blocks through a block table"),
@@ -103,27 +105,41 @@ class EngineOptions:
         if (self.weights in FLOAT_WEIGHTS and self.dtype is not None and self.dtype != self.weights):
             raise LlmlabError(f"weights={self.weights!r} and dtype={self.dtype!r} disagree: give only one of them")
         if self.graph_ready and self.attention == "triton":
-            raise LlmlabError("compile and cuda_graphs need attention='sdpa' or 'naive': llmlab's Triton attention "
-                              "kernels read a cache of the current length, not a full buffer under a mask")
+            raise LlmlabError("compile, cuda_graphs and kernels='fused-decode' need attention='sdpa' or 'naive': "
+                              "llmlab's Triton attention kernels read a cache of the current length, not a full "
+                              "buffer under a mask")
         if self.graph_ready and self.kv_cache == "paged":
             raise LlmlabError("the paged KV cache stays eager (its block table grows on the host); use "
-                              "kv_cache='static' with compile or cuda_graphs")
+                              "kv_cache='static' with compile, cuda_graphs or kernels='fused-decode'")
+        if self.kernels == "fused-decode":
+            self._check_fused_decode()
         if self.compile == "reduce-overhead" and self.cuda_graphs:
             raise LlmlabError("compile='reduce-overhead' already captures CUDA graphs (inductor's); "
                               "use it or cuda_graphs=True, not both")
         if self.steps_per_graph > 1 and not self.graph_ready:
             raise LlmlabError("steps_per_graph > 1 runs several decode steps per compiled call or graph: "
-                              "turn on compile or cuda_graphs as well")
+                              "turn on compile or cuda_graphs as well (or kernels='fused-decode')")
         parse_sparsity(self.sparsity)
         if self.sparsity != "none" and self.weights == "int4":
             raise LlmlabError("sparsity with weights='int4' would not stay sparse: int4 is asymmetric (each "
                               "group's grid starts at its minimum), so a pruned zero comes back as a small "
                               "non-zero; use weights='int8' or 'fp8' (symmetric: zero stays exact) or a float")
 
+    def _check_fused_decode(self) -> None:
+        if self.weights in QUANTIZED_WEIGHTS or not self.fused:
+            raise LlmlabError("kernels='fused-decode' reads float weights stacked as [W_q; W_k; W_v] and "
+                              "[W_gate; W_up]: use fused=True and a float weights= (fp32, bf16, fp16)")
+        if self.kv_cache != "static":
+            raise LlmlabError("kernels='fused-decode' writes the static KV cache in the model's dtype: use "
+                              "kv_cache='static'")
+        if self.compile != "none":
+            raise LlmlabError("kernels='fused-decode' is already hand-fused Triton: torch.compile has nothing "
+                              "left to fuse; use cuda_graphs=True to remove the launch overhead instead")
+
     @property
     def graph_ready(self) -> bool:
-        """Whether decoding runs through the fixed-shape step (compiled and/or captured)."""
-        return self.compile != "none" or self.cuda_graphs
+        """Whether decoding runs through the fixed-shape step (compiled, captured or hand-fused)."""
+        return self.compile != "none" or self.cuda_graphs or self.kernels == "fused-decode"
 
     @property
     def model_dtype(self) -> str:

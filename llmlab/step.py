@@ -10,6 +10,8 @@ depends on the step, and nothing waits for the host:
                     elementwise ops into a few generated kernels (Triton on GPU, C++/OpenMP on CPU)
     CUDA graph      the launches of one call are recorded once (torch.cuda.CUDAGraph) and replayed with
                     one call from the host; the buffers are static, which is why the step writes in place
+    fused-decode    the model's part of the step as six hand-fused Triton kernels per layer
+                    (llmlab.fused_decode), eager or replayed from a CUDA graph
     steps_per_graph k steps per compiled call or replay: the host wakes once every k tokens (it checks
                     for stop tokens then, and discards what followed a stop)
 
@@ -23,6 +25,7 @@ import time
 
 import torch
 
+from . import fused_decode
 from .errors import LlmlabError
 from .kv_cache import KVCache, QuantizedKVCache, make_cache
 from .model import Transformer
@@ -73,6 +76,8 @@ class Decoder:
         self.k = options.steps_per_graph
         model.make_rope_table(extra_positions=self.k)
         self.cache: KVCache | QuantizedKVCache = make_cache(options.kv_cache, config, max_len, dtype, device, batch=batch)
+        if options.kernels == "fused-decode":
+            fused_decode.check_fusable(model, self.cache)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.seed = torch.zeros(batch, dtype=torch.long, device=device)
@@ -87,7 +92,10 @@ class Decoder:
 
     def _one_step(self) -> torch.Tensor:
         """One decode step, in place: feeds `token` at `pos`, leaves the next token in `token`, pos + 1."""
-        logits = self.model(self.token, start_pos=self.pos, cache=self.cache, last_only=True)[:, -1]
+        if self.options.kernels == "fused-decode":
+            logits = fused_decode.decode_logits(self.model, self.token, self.pos, self.cache)
+        else:
+            logits = self.model(self.token, start_pos=self.pos, cache=self.cache, last_only=True)[:, -1]
         nxt = sample_on_device(logits, self.params, self.seed, self.pos + 1, self.seen)   # (batch,)
         self.seen.scatter_(1, nxt[:, None], True)
         self.token.copy_(nxt[:, None])

@@ -26,11 +26,13 @@ from .flash_attention import dot_precision
 
 
 @triton.jit
-def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_heads, kv_len, split_len, qk_scale,
-                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def decode_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_lse_ptr, n_kv_heads, kv_len, split_len,
+                          qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                          stride_vs, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, AT_POSITIONS: tl.constexpr):
     batch, kv_head = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
+    if AT_POSITIONS:      # a whole fixed-size cache: row b has written positions 0 .. pos[b]
+        kv_len = tl.minimum(tl.load(pos_ptr + batch) + 1, kv_len)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     # The GROUP query heads of this KV head, padded to GROUP_PAD >= 16 rows (tl.dot's minimum):
     # padding rows are zeros and are never stored.
@@ -48,7 +50,9 @@ def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_he
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
     split_start = split * split_len
-    split_end = tl.minimum(split_start + split_len, kv_len)   # the launcher makes every split non-empty
+    # Every split is non-empty for a cache of the current length; at positions, splits past pos[b] are
+    # empty: they keep l_i = 0 and store o = 0, lse = -inf, which the reduction weighs by exp2(-inf) = 0.
+    split_end = tl.minimum(split_start + split_len, kv_len)
     for start in tl.range(split_start, split_end, BLOCK_N):
         valid = start + keys < split_end                                      # (BLOCK_N,)
         k = tl.load(k_ptrs + start * stride_ks, mask=valid[:, None], other=0.0)   # (BLOCK_N, HEAD_DIM)
@@ -64,7 +68,8 @@ def decode_partial_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, n_kv_he
 
     # Partials laid out (batch, n_heads, n_splits, HEAD_DIM) and (batch, n_heads, n_splits), fp32.
     part = (batch * n_kv_heads * GROUP + heads) * n_splits + split           # (GROUP_PAD,)
-    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / l_i[:, None], mask=rows[:, None] < GROUP)
+    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / tl.maximum(l_i, 1e-30)[:, None],
+             mask=rows[:, None] < GROUP)
     tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=rows < GROUP)
 
 
@@ -84,6 +89,13 @@ def decode_reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_heads, n_splits, str
     tl.store(o_ptr + batch * stride_ob + head * stride_oh + dims, o.to(o_ptr.dtype.element_ty))
 
 
+def default_splits(q: torch.Tensor, batch: int, n_kv_heads: int) -> int:
+    """About one program per SM: each streams its chunk with num_stages loads in flight, and fewer,
+    longer splits leave less to reduce (on an H100, 16 splits of a 4k cache beat 64)."""
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return min(64, triton.cdiv(n_sms, batch * n_kv_heads))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits: int | None = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """q (batch, n_heads, 1, head_dim); k, v (batch, n_kv_heads, L, head_dim), any strides with the
@@ -97,23 +109,37 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits
         raise ValueError(f"decode_attention takes one query per head: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if head_dim & (head_dim - 1) or min(q.stride(3), k.stride(3), v.stride(3)) != 1 or kv_len == 0:
         raise ValueError("head_dim must be a power of two, the last dimension contiguous, and L >= 1")
-    group = n_heads // n_kv_heads
-    if n_splits is None:
-        # About one program per SM: each streams its chunk with num_stages loads in flight, and
-        # fewer, longer splits leave less to reduce (on an H100, 16 splits of a 4k cache beat 64).
-        n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        n_splits = min(64, triton.cdiv(n_sms, batch * n_kv_heads))
+    n_splits = n_splits or default_splits(q, batch, n_kv_heads)
     # Whole BLOCK_N blocks per split, and no empty split (its lse would be -inf - -inf).
     split_len = triton.cdiv(triton.cdiv(kv_len, min(n_splits, kv_len)), block_n) * block_n
-    n_splits = triton.cdiv(kv_len, split_len)
+    return _attend(q, k, v, None, split_len, block_n, num_warps, num_stages)
 
+
+def decode_attention_at_positions(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                                  block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """The fixed-shape form: q (batch, n_heads, head_dim) of the token at pos (batch,), a tensor; k_cache,
+    v_cache (batch, n_kv_heads, max_seq_len, head_dim), row b written at 0 .. pos[b]. The split length
+    follows from max_seq_len alone, so the launch is the same at every step (a CUDA graph replays it);
+    splits past pos[b] find nothing and weigh nothing."""
+    batch, n_kv_heads, max_seq_len, _ = k_cache.shape
+    n_splits = default_splits(q, batch, n_kv_heads)
+    split_len = triton.cdiv(triton.cdiv(max_seq_len, n_splits), block_n) * block_n
+    return _attend(q, k_cache, v_cache, pos, split_len, block_n, num_warps, num_stages)
+
+
+def _attend(q, k, v, pos, split_len, block_n, num_warps, num_stages):
+    batch, n_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    n_splits = triton.cdiv(kv_len, split_len)
     part_o = torch.empty((batch, n_heads, n_splits, head_dim), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((batch, n_heads, n_splits), device=q.device, dtype=torch.float32)
     decode_partial_kernel[(batch * n_kv_heads, n_splits)](
-        q, k, v, part_o, part_lse, n_kv_heads, kv_len, split_len, 1.0 / math.sqrt(head_dim) * math.log2(math.e),
+        q, k, v, part_lse if pos is None else pos, part_o, part_lse, n_kv_heads, kv_len, split_len,
+        1.0 / math.sqrt(head_dim) * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        GROUP=n_heads // n_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(n_heads // n_kv_heads)),
+        HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), AT_POSITIONS=pos is not None,
+        num_warps=num_warps, num_stages=num_stages)
     o = torch.empty_like(q)
     decode_reduce_kernel[(batch * n_heads,)](part_o, part_lse, o, n_heads, n_splits, o.stride(0), o.stride(1),
                                              HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits))

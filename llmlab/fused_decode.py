@@ -1,0 +1,58 @@
+"""The decode step as six Triton kernels per layer (kernels="fused-decode"): fusion across the matmuls.
+
+torch.compile fuses the elementwise operations *between* matmuls into generated kernels, but each matmul
+stays a library call (cuBLAS), so a layer still costs a dozen launches. At batch 1 a small model's step is
+bound by those launches, not by its bytes (notebook 08). The cure is to fuse *into* the matmuls: at
+decode each is a matrix-vector product, simple enough to write by hand with its neighbours inside it.
+
+    1  x -> RMSNorm -> [W_q; W_k; W_v] -> RoPE -> q, and k, v into the cache    kernels/fused_qkv.py
+    2  attention of q over the cache, split along the keys                      kernels/decode_attention.py
+    3  the splits combined                                                      (its reduction kernel)
+    4  h = x + W_o o                                                            kernels/fused_matvec.py
+    5  g = silu(W_gate n) * W_up n,  n = RMSNorm(h)                             (the same matvec kernel)
+    6  x = h + W_down g
+
+then RMSNorm and the LM head in one more. Every shape is fixed and positions are a tensor, so the whole
+step is replayed from a CUDA graph (cuda_graphs=True). The step computes exactly what Transformer.forward
+does at one token; it only reads the weights the model already holds (fused=True's stacked [W_q; W_k; W_v]
+and [W_gate; W_up]) and the static cache. Prefill, whose matmuls are real matrix products, stays on the
+plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Transformer, triton_kernel
+
+
+def check_fusable(model: Transformer, cache) -> None:
+    """What the fused step reads: stacked weights, float linears, and a static cache in the model's dtype.
+    EngineOptions refuses the switch combinations that break these; this guards direct callers."""
+    dtype = model.embed.weight.dtype
+    if any(block.attention.wqkv is None for block in model.layers):
+        raise ValueError("the fused decode step reads the stacked weights: call model.fuse_projections() first")
+    if type(cache) is not KVCache or cache.keys[0].dtype != dtype:
+        raise ValueError("the fused decode step writes a static KVCache stored in the model's dtype")
+
+
+def decode_logits(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """token (batch, 1) at positions pos (batch,) -> logits (batch, vocab); writes k, v at pos into the cache.
+
+    The same numbers as model(token, start_pos=pos, cache=cache)[:, -1], up to the order of the sums
+    (each dot product is accumulated in fp32 in blocks) and one rounding fewer between fused operations."""
+    matvec = triton_kernel("fused_matvec").matvec
+    qkv_rope_cache = triton_kernel("fused_qkv").qkv_rope_cache
+    attend = triton_kernel("decode_attention").decode_attention_at_positions
+    x = model.embed(token[:, 0])                                                    # (batch, dim)
+    for i, block in enumerate(model.layers):
+        attention, mlp = block.attention, block.mlp
+        keys, values = cache.keys[i], cache.values[i]
+        q = qkv_rope_cache(x, block.attn_norm.weight, block.attn_norm.eps, attention.wqkv,
+                           model.rope_cos, model.rope_sin, pos, keys, values)      # (batch, heads, head_dim)
+        o = attend(q, keys, values, pos, block_n=32).flatten(1)                     # (batch, heads * head_dim)
+        h = matvec(o, attention.wo.weight, residual=x)
+        g = matvec(h, mlp.w_gate_up, norm=block.mlp_norm.weight, eps=block.mlp_norm.eps, glu=True)
+        x = matvec(g, mlp.w_down.weight, residual=h)
+    return matvec(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
