@@ -17,6 +17,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` may use programmatic dependent launch (PDL, Hopper and later): the
+    next kernel in the stream starts while this one finishes, loads what no kernel writes (weights),
+    then waits (griddepcontrol.wait) for the one before to complete before it reads that one's output."""
+    return device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # Without a CUDA GPU, `import llmlab` has already set TRITON_INTERPRET=1 (see llmlab/__init__.py): the
 # interpreter executes each program with NumPy on CPU tensors, so every kernel here also runs on a
 # laptop. Triton reads the variable once, on its first import: if triton came in before llmlab did,

@@ -22,15 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
 from .flash_attention import dot_precision
+from .fused_matvec import wait_for_previous_kernel
 
 
 @triton.jit
 def decode_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_lse_ptr, n_kv_heads, kv_len, split_len,
                           qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
                           stride_vs, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, AT_POSITIONS: tl.constexpr):
+                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, AT_POSITIONS: tl.constexpr,
+                          PDL: tl.constexpr):
     batch, kv_head = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
+    wait_for_previous_kernel(PDL)          # q and the newest k, v come from the kernel before
     if AT_POSITIONS:      # a whole fixed-size cache: row b has written positions 0 .. pos[b]
         kv_len = tl.minimum(tl.load(pos_ptr + batch) + 1, kv_len)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
@@ -75,7 +79,8 @@ def decode_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_o_ptr, part_lse_ptr
 
 @triton.jit
 def decode_reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, n_heads, n_splits, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)                                                     # batch * n_heads + head
     splits = tl.arange(0, BLOCK_S)                                            # BLOCK_S >= n_splits
     dims = tl.arange(0, HEAD_DIM)
@@ -128,6 +133,9 @@ def decode_attention_at_positions(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def _attend(q, k, v, pos, split_len, block_n, num_warps, num_stages):
+    # dependent launch on the fixed-shape path only: there the kernels before and after are llmlab's own,
+    # which all wait for their predecessor before reading its output
+    pdl = pos is not None and dependent_launch(q.device)
     batch, n_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     n_splits = triton.cdiv(kv_len, split_len)
@@ -139,10 +147,11 @@ def _attend(q, k, v, pos, split_len, block_n, num_warps, num_stages):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         GROUP=n_heads // n_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(n_heads // n_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), AT_POSITIONS=pos is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     o = torch.empty_like(q)
     decode_reduce_kernel[(batch * n_heads,)](part_o, part_lse, o, n_heads, n_splits, o.stride(0), o.stride(1),
-                                             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits))
+                                             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits), PDL=pdl,
+                                             launch_pdl=pdl)
     return o
 
 

@@ -20,35 +20,47 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the kernel before has finished and its writes are
+    visible, then let the next kernel start its own weight loads."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @triton.jit
 def matvec_kernel(x_ptr, w_ptr, norm_ptr, residual_ptr, y_ptr, n_rows, n_cols, eps,
                   NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     block, seq = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
+    row_ok = rows[:, None] < n_rows
+    tile = rows[:, None].to(tl.int64) * n_cols + tl.arange(0, BLOCK_K)[None, :]
     x_ptr += seq * n_cols
     # Products are summed elementwise along the walk and reduced across the lanes once at the end.
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if GLU:
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if NORM:
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # The first weights are loaded before waiting for the kernel that writes x: no kernel writes weights.
+    # Inside the walk, each step loads the next step's weights while it sums this one's.
+    w, w_up, g = load_weights(w_ptr, norm_ptr, tile, 0, row_ok, n_rows, n_cols, NORM, GLU, BLOCK_K)
+    wait_for_previous_kernel(PDL)
     for start in tl.range(0, n_cols, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        col_ok = cols < n_cols
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if NORM:
             # W (x * g / rms) = (W (x * g)) / rms: the sum of squares is gathered on the same walk and
             # the division waits for the end, so x is read once and no load waits for the norm
             squares += x * x
-            x = x * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tile = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        acc += tl.load(w_ptr + tile, mask=ok, other=0.0).to(tl.float32) * x[None, :]
-        if GLU:                                     # W_up's rows start n_rows rows further down
-            acc_up += tl.load(w_ptr + n_rows * n_cols + tile, mask=ok, other=0.0).to(tl.float32) * x[None, :]
+            x = x * g.to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if GLU:
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        w, w_up, g = load_weights(w_ptr, norm_ptr, tile, start + BLOCK_K, row_ok, n_rows, n_cols, NORM, GLU, BLOCK_K)
     y = tl.sum(acc, axis=1)
     scale = tl.rsqrt(tl.sum(squares, axis=0) / n_cols + eps) if NORM else 1.0
     y = y * scale
@@ -56,8 +68,22 @@ def matvec_kernel(x_ptr, w_ptr, norm_ptr, residual_ptr, y_ptr, n_rows, n_cols, e
         up = tl.sum(acc_up, axis=1) * scale
         y = y * tl.sigmoid(y) * up                 # silu(gate) * up
     if RESIDUAL:
-        y += tl.load(residual_ptr + seq * n_rows + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + seq * n_rows + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+        y += tl.load(residual_ptr + seq * n_rows + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+    tl.store(y_ptr + seq * n_rows + rows, y.to(y_ptr.dtype.element_ty), mask=rows < n_rows)
+
+
+@triton.jit
+def load_weights(w_ptr, norm_ptr, tile, start, row_ok, n_rows, n_cols, NORM: tl.constexpr, GLU: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The weight tile at columns start.., W_up's (n_rows rows further down) and the norm's weights, in
+    their storage dtype (half the registers of fp32 while they wait); past the last column everything is
+    masked: nothing is read."""
+    cols = start + tl.arange(0, BLOCK_K)
+    ok = row_ok & (cols[None, :] < n_cols)
+    w = tl.load(w_ptr + tile + start, mask=ok, other=0.0)
+    w_up = tl.load(w_ptr + n_rows * n_cols + tile + start, mask=ok, other=0.0) if GLU else w
+    g = tl.load(norm_ptr + cols, mask=cols < n_cols, other=0.0) if NORM else cols
+    return w, w_up, g
 
 
 def launch_config(n_rows: int, n_cols: int, glu: bool) -> tuple[int, int, int]:
@@ -83,12 +109,13 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = No
     if weight.shape[1] != n_cols or not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError(f"matvec takes contiguous x (batch, K) and W (N, K): x {tuple(x.shape)}, W {tuple(weight.shape)}")
     y = torch.empty(batch, n_rows, dtype=x.dtype, device=x.device)
+    pdl = dependent_launch(x.device)
     default_n, default_k, default_warps = launch_config(n_rows, n_cols, glu)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     matvec_kernel[(triton.cdiv(n_rows, block_n), batch)](
         x, weight, norm if norm is not None else x, residual if residual is not None else y, y, n_rows, n_cols, eps,
         NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps)
+        PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return y
 
 

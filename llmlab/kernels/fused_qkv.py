@@ -19,12 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+from .fused_matvec import load_weights, wait_for_previous_kernel
+
 
 
 @triton.jit
 def qkv_rope_cache_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                           n_cols, eps, n_heads, n_kv_heads, max_seq_len,
-                          HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     head, pair_block, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     pairs = pair_block * BLOCK_P + tl.arange(0, BLOCK_P)          # i in 0 .. d/2-1
@@ -33,15 +36,19 @@ def qkv_rope_cache_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
     acc1 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)          # rows i
     acc2 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)          # rows i + d/2
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # rows i + d/2 as the "up" half of fused_matvec's GLU tile pair: half * n_cols elements further on
+    first_tile = first[:, None] * n_cols + tl.arange(0, BLOCK_K)[None, :]
+    w1, w2, g = load_weights(w_ptr, norm_ptr, first_tile, 0, pairs[:, None] >= 0, half, n_cols, True, True, BLOCK_K)
+    wait_for_previous_kernel(PDL)                                  # x comes from the kernel before
     for start in tl.range(0, n_cols, BLOCK_K):                     # the norm folded in as in fused_matvec
         cols = start + tl.arange(0, BLOCK_K)
-        col_ok = cols < n_cols
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         squares += x * x
-        x = x * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tile = first[:, None] * n_cols + cols[None, :]
-        acc1 += tl.load(w_ptr + tile, mask=col_ok[None, :], other=0.0).to(tl.float32) * x[None, :]
-        acc2 += tl.load(w_ptr + tile + half * n_cols, mask=col_ok[None, :], other=0.0).to(tl.float32) * x[None, :]
+        x = x * g.to(tl.float32)
+        acc1 += w1.to(tl.float32) * x[None, :]
+        acc2 += w2.to(tl.float32) * x[None, :]
+        w1, w2, g = load_weights(w_ptr, norm_ptr, first_tile, start + BLOCK_K, pairs[:, None] >= 0, half, n_cols,
+                                 True, True, BLOCK_K)
     scale = tl.rsqrt(tl.sum(squares, axis=0) / n_cols + eps)
     acc1, acc2 = tl.sum(acc1, axis=1) * scale, tl.sum(acc2, axis=1) * scale
     pos = tl.load(pos_ptr + seq)
@@ -70,6 +77,7 @@ def qkv_rope_cache(x: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: torch.
     _, n_kv_heads, max_seq_len, head_dim = k_cache.shape
     n_heads = wqkv.shape[0] // head_dim - 2 * n_kv_heads
     q = torch.empty(batch, n_heads, head_dim, dtype=x.dtype, device=x.device)
+    pdl = dependent_launch(x.device)
     # from the same H200 sweep as fused_matvec.launch_config: two tiles of BLOCK_P rows per program
     short = n_cols <= 1024
     block_p = min(block_p or (2 if short else 8), head_dim // 2)
@@ -77,5 +85,5 @@ def qkv_rope_cache(x: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: torch.
     num_warps = num_warps or (2 if short else 4)
     qkv_rope_cache_kernel[(n_heads + 2 * n_kv_heads, head_dim // 2 // block_p, batch)](
         x, norm, wqkv, cos, sin, pos, q, k_cache, v_cache, n_cols, eps, n_heads, n_kv_heads, max_seq_len,
-        HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps)
+        HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return q
