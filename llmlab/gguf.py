@@ -1,23 +1,27 @@
 """Read a GGUF file: its metadata, its tensors, and llama.cpp's block formats turned back into floats.
 
-The `gguf` library parses the container (header, key/value metadata, tensor directory). Turning the
-raw bytes into numbers is done here, one small vectorised function per format, so you can read how
-each format is laid out. `tests/test_gguf.py` checks every one against `gguf.quants.dequantize`.
+llmlab.gguf_reader parses the container (header, key/value metadata, tensor directory), checking every
+count and offset against the file. Turning the raw bytes into numbers is done here, one small
+vectorised function per format, so you can read how each format is laid out. `tests/test_gguf.py`
+checks every one against `gguf.quants.dequantize`.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType
 
+from .config import config_from_gguf_metadata, shown
 from .errors import LlmlabError
+from .gguf_reader import TensorInfo, read_gguf  # noqa: F401  (TensorInfo: the type of GGUFFile.tensors)
+from .weight_checks import check_finite, check_shapes
 
-GGUF_MAGIC = b"GGUF"
 QK = 32  # values per block in the Q8_0, Q4_0 and Q4_1 formats
 
 
@@ -100,109 +104,40 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # --- the file ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type_name: str            # "Q4_1", "F32", ...
-    shape: tuple[int, ...]    # PyTorch order: (rows, cols) = (out_features, in_features)
-    n_bytes: int
-
-
 class GGUFFile:
     """An opened GGUF file. `metadata` is a plain dict; `tensor(name)` dequantizes one tensor."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._reader = _open_reader(self.path)
-        self.metadata = {key: _field_value(field) for key, field in self._reader.fields.items()}
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        self.tensors = {
-            t.name: TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
-            for t in self._reader.tensors
-        }
-        self.file_size = self.path.stat().st_size
+        contents = read_gguf(self.path)
+        self.metadata = contents.metadata
+        self.tensors = {t.name: t for t in contents.tensors}
+        self.file_size = len(contents.data)
+        self._data = contents.data
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as stored: (rows, bytes per row) uint8."""
-        t = self._tensors[name]
-        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
-        return np.asarray(t.data).view(np.uint8).reshape(rows, -1)
+        """The tensor's bytes as stored: (rows, bytes per row) uint8, a read-only view of the file."""
+        t = self.tensors[name]
+        rows = math.prod(t.shape[:-1])
+        return np.frombuffer(self._data, np.uint8, t.n_bytes, t.offset).reshape(rows, -1)
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, in PyTorch order (rows, cols)."""
-        t = self._tensors[name]
-        dequantize = DEQUANTIZERS.get(t.tensor_type)
+        t = self.tensors[name]
+        dequantize = DEQUANTIZERS.get(GGMLQuantizationType[t.type_name])
         if dequantize is None:
             supported = ", ".join(q.name for q in DEQUANTIZERS)
             raise LlmlabError(
-                f"{self.path}: tensor {name!r} is stored as {t.tensor_type.name}, which llmlab does not "
+                f"{self.path}: tensor {shown(name)} is stored as {t.type_name}, which llmlab does not "
                 f"dequantize (supported: {supported}). Convert the model with llama.cpp's "
                 f"`llama-quantize` to Q4_0, Q4_1, Q8_0 or F16."
             )
-        return dequantize(self.raw(name)).reshape(self.tensors[name].shape)
+        return dequantize(self.raw(name)).reshape(t.shape)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The file's key/value metadata as plain Python values (str, int, float, bool, lists)."""
     return GGUFFile(path).metadata
-
-
-def _open_reader(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise LlmlabError(f"{path}: no such GGUF file. Check the path, or call llmlab.load() for the bundled model.")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise LlmlabError(
-            f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r}). "
-            f"Is this the right file?"
-        )
-    try:
-        return _CheckedReader(path)
-    except _TensorPastEnd as e:
-        raise LlmlabError(
-            f"{path}: tensor {e.name!r} runs past the end of the file (needs bytes up to {e.end:,}, "
-            f"the file has {size:,}). The file is truncated or corrupt: download it again."
-        ) from None
-    except Exception as e:  # the library fails in many ways on a damaged header; say what it means
-        raise LlmlabError(
-            f"{path}: the GGUF header is damaged or the file is truncated ({type(e).__name__}: {e}). "
-            f"Download the file again."
-        ) from None
-
-
-class _TensorPastEnd(Exception):
-    def __init__(self, name: str, end: int):
-        self.name, self.end = name, end
-
-
-class _CheckedReader(GGUFReader):
-    """GGUFReader that checks every tensor lies inside the file before mapping it.
-
-    The library would otherwise fail with a reshape error deep inside NumPy, which says nothing
-    about the file being truncated.
-    """
-
-    def _build_tensors(self, start_offs, fields):
-        for field in fields:
-            _, name, _, dims, raw_dtype, offset = field.parts
-            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
-            end = int(start_offs) + int(offset[0]) + int(np.prod(dims)) * type_size // block_size
-            if end > len(self.data):
-                raise _TensorPastEnd(bytes(name).decode("utf-8", errors="replace"), end)
-        super()._build_tensors(start_offs, fields)
-
-
-def _field_value(field) -> Any:
-    types = field.types
-    if types and types[0] == GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types and types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[0]].tolist()[0]
 
 
 # --- GGUF tensor names -> llmlab's module names ------------------------------------------------
@@ -221,25 +156,33 @@ _LAYER_NAMES = {
 
 
 def state_dict_from_gguf(file: GGUFFile, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to float32 under llmlab's names, Q/K rows back in Hugging Face order."""
+    """Every tensor dequantized to float32 under llmlab's names, Q/K rows back in Hugging Face order.
+
+    Refused before anything is dequantized: a tensor name or shape other than the metadata's config
+    implies; and after, a tensor holding NaN or inf.
+    """
+    names = {_llmlab_name(file, name): name for name in file.tensors}      # llmlab's name -> the file's
+    config = replace(config_from_gguf_metadata(file.metadata), tie_embeddings="head.weight" not in names)
+    check_shapes({ours: file.tensors[theirs].shape for ours, theirs in names.items()}, config, file.path, names)
     state = {}
-    for name in file.tensors:
-        w = file.tensor(name)
-        if name == "token_embd.weight":
-            state["embed.weight"] = w
-        elif name == "output.weight":
-            state["head.weight"] = w
-        elif name == "output_norm.weight":
-            state["norm.weight"] = w
-        elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".")
-            if kind == "attn_q":
-                w = unpermute_qk(w, n_heads)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, n_kv_heads)
-            if kind not in _LAYER_NAMES:
-                raise LlmlabError(f"{file.path}: unexpected tensor {name!r} for a Llama-family model")
-            state[f"layers.{layer}.{_LAYER_NAMES[kind]}"] = w
-        else:  # e.g. rope_freqs (Llama 3.1's RoPE scaling): refuse rather than run it wrongly
-            raise LlmlabError(f"{file.path}: tensor {name!r} is not part of a plain Llama model; llmlab cannot run this file")
+    for ours, theirs in names.items():
+        w = file.tensor(theirs)
+        check_finite(theirs, w, file.path)
+        if ours.endswith("attention.wq.weight"):
+            w = unpermute_qk(w, n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            w = unpermute_qk(w, n_kv_heads)
+        state[ours] = w
     return state
+
+
+def _llmlab_name(file: GGUFFile, name: str) -> str:
+    top = {"token_embd.weight": "embed.weight", "output.weight": "head.weight", "output_norm.weight": "norm.weight"}
+    if name in top:
+        return top[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    # e.g. rope_freqs (Llama 3.1's RoPE scaling), or biases: refuse rather than run it wrongly
+    raise LlmlabError(f"{file.path}: tensor {shown(name)} is not part of a plain Llama model; "
+                      f"llmlab cannot run this file")

@@ -4,14 +4,16 @@ reads one; `save_folder` writes an LLM as one (a pruned or distilled model, to l
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import LAYER_WIDTH_KEYS, ModelConfig, config_from_hf
+from .config import LAYER_WIDTH_KEYS, ModelConfig, config_from_hf, shown
 from .errors import LlmlabError
 from .tokenizer import Tokenizer
+from .weight_checks import check_finite, check_shapes
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -38,11 +40,18 @@ def hf_name_to_llmlab(name: str) -> str:
     prefix, _, rest = name.partition(".layers.")
     layer, _, kind = rest.partition(".")
     if prefix != "model" or kind not in _LAYER_NAMES:
-        raise LlmlabError(f"unexpected weight {name!r}: not part of a plain Llama model")
+        raise LlmlabError(f"unexpected weight {shown(name)}: not part of a plain Llama model")
     return f"layers.{layer}.{_LAYER_NAMES[kind]}"
 
 
+# dtypes a weight may have: an integer or boolean tensor cast to float would load and compute nonsense
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def load_folder(folder: str | Path) -> tuple[ModelConfig, dict, Tokenizer]:
+    """config.json, the weights of every *.safetensors file and tokenizer.json, checked against each
+    other: each weight's name, dtype and shape before any is read, its values (no NaN or inf) after.
+    Only safetensors are read: pytorch_model.bin is a pickle, and unpickling runs code from the file."""
     folder = Path(folder)
     needed = ["config.json", "tokenizer.json"]
     missing = [n for n in needed if not (folder / n).is_file()]
@@ -52,55 +61,154 @@ def load_folder(folder: str | Path) -> tuple[ModelConfig, dict, Tokenizer]:
             f"{folder}: a Hugging Face model folder needs config.json, tokenizer.json and *.safetensors; "
             f"missing: {', '.join(missing + ([] if weight_files else ['*.safetensors']))}"
         )
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = read_config(folder)
+    where = {}                                     # llmlab name -> (file, name there, shape)
+    for file in weight_files:
+        for name, (dtype, shape) in tensor_headers(file).items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a buffer some older exports save; recomputed from rope_theta
+            ours = _llmlab_name_in(file, name)
+            if ours in where:
+                raise LlmlabError(f"{folder}: weight {shown(name)} is in both {where[ours][0].name} and {file.name}")
+            if dtype not in FLOAT_DTYPES:
+                raise LlmlabError(f"{file}: weight {shown(name)} is stored as {dtype}; llmlab reads float weights "
+                                  f"({', '.join(FLOAT_DTYPES)}) and will not cast integers or booleans to floats")
+            where[ours] = (file, name, shape)
+    if config.tie_embeddings:
+        where.pop("head.weight", None)             # transformers ignores a saved head when it is tied
+    check_shapes({ours: shape for ours, (_, _, shape) in where.items()}, config, folder,
+                 {ours: name for ours, (_, name, _) in where.items()})
     state = {}
     for file in weight_files:
+        with _safetensors(file) as f:
+            for ours, (in_file, name, _) in where.items():
+                if in_file == file:
+                    state[ours] = f.get_tensor(name)
+                    check_finite(name, state[ours], file)
+    tokenizer = tokenizer_from_hf(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise LlmlabError(f"{folder}: tokenizer.json has {tokenizer.vocab_size:,} tokens, but config.json's "
+                          f"vocab_size is {config.vocab_size:,}: every token id must have both a token and an "
+                          f"embedding row")
+    return config, state, tokenizer
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The folder's config.json as a ModelConfig; any problem an LlmlabError naming the file."""
+    path = Path(folder) / "config.json"
+    try:
+        return config_from_hf(_read_json(path))
+    except LlmlabError as e:
+        raise LlmlabError(f"{path}: {e}") from None
+
+
+def tensor_headers(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's dtype ("F32", "BF16", "I64", ...) and shape, from the safetensors header alone."""
+    with _safetensors(file) as f:
+        return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+
+
+@contextmanager
+def _safetensors(file: Path):
+    try:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # a buffer some older exports save; recomputed from rope_theta
-                state[hf_name_to_llmlab(name)] = f.get_tensor(name)
-    if config.tie_embeddings:
-        state.pop("head.weight", None)
-    return config, state, tokenizer_from_hf(folder)
+            yield f
+    except (OSError, SafetensorError) as e:       # the library checks the header and the data's extent
+        raise LlmlabError(f"{file}: not a readable safetensors file ({e}). Download it again.") from None
+
+
+def _llmlab_name_in(file: Path, name: str) -> str:
+    try:
+        return hf_name_to_llmlab(name)
+    except LlmlabError as e:
+        raise LlmlabError(f"{file}: {e}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as e:
+        raise LlmlabError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:     # bad JSON or UTF-8, or nesting deeper than Python's stack
+        raise LlmlabError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise LlmlabError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def tokenizer_from_hf(folder: Path) -> Tokenizer:
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
-        raise LlmlabError(f"{folder}/tokenizer.json: llmlab reads byte-level BPE tokenizers only")
+    path = folder / "tokenizer.json"
+    spec = _read_json(path)
+    model = spec.get("model") if isinstance(spec, dict) else None
+    decoder = spec.get("decoder") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(decoder, dict) \
+            or decoder.get("type") != "ByteLevel":
+        raise LlmlabError(f"{path}: llmlab reads byte-level BPE tokenizers only")
     if not _is_smollm_pre_tokenizer(spec.get("pre_tokenizer")):
         raise LlmlabError(
-            f"{folder}/tokenizer.json: its pre-tokenizer is not SmolLM's (digits split, then GPT-2's byte-level "
+            f"{path}: its pre-tokenizer is not SmolLM's (digits split, then GPT-2's byte-level "
             f"regex); llmlab implements that one only, and another would give different token ids"
         )
-    vocab = model["vocab"]
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    size = max(list(vocab.values()) + list(added)) + 1
+    vocab, added, merges = _vocabulary(path, model, spec.get("added_tokens", []))
+    # ids are list indices: bounded by the entries the file holds, so a huge id cannot ask for memory
+    size = max([*vocab.values(), *added], default=-1) + 1
+    if min([*vocab.values(), *added], default=0) < 0 or size > len(vocab) + len(added):
+        raise LlmlabError(f"{path}: token ids must run from 0 up, one per token; "
+                          f"{len(vocab) + len(added):,} tokens reach id {size - 1:,}")
     tokens = [""] * size
     for token, i in vocab.items():
         tokens[i] = token
     types = [1] * size                                   # 1: normal, 3: control (llama.cpp's codes)
     for i, t in added.items():
         tokens[i], types[i] = t["content"], 3 if t.get("special") else 1
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    extra = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    config_path = folder / "tokenizer_config.json"
+    extra = _read_json(config_path) if config_path.is_file() else {}
+    extra = extra if isinstance(extra, dict) else {}
     by_text = {t: i for i, t in enumerate(tokens)}
-    bos, eos = by_text.get(extra.get("bos_token")), by_text.get(extra.get("eos_token"))
+    bos, eos = (by_text.get(_token_text(extra.get(key))) for key in ("bos_token", "eos_token"))
     if bos is None or eos is None:
-        raise LlmlabError(f"{folder}: tokenizer_config.json must name bos_token and eos_token")
+        raise LlmlabError(f"{folder}: tokenizer_config.json must name bos_token and eos_token, tokens of the "
+                          f"vocabulary")
     template = extra.get("chat_template")
     if (folder / "chat_template.jinja").is_file():   # where newer transformers versions save it
-        template = (folder / "chat_template.jinja").read_text()
+        template = _read_text(folder / "chat_template.jinja")
+    if template is not None and not isinstance(template, str):
+        raise LlmlabError(f"{config_path}: chat_template must be one template string, not {type(template).__name__}")
     return Tokenizer(tokens, merges, types, bos_id=bos, eos_id=eos, chat_template=template)
 
 
-def _is_smollm_pre_tokenizer(pre: dict | None) -> bool:
-    if not pre or pre.get("type") != "Sequence":
+def _vocabulary(path: Path, model: dict, added_tokens) -> tuple[dict[str, int], dict[int, dict], list[str]]:
+    """vocab (token -> id), added tokens by id, merges as "a b" strings; refused unless well-typed."""
+    vocab, merges = model.get("vocab"), model.get("merges", [])
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+        raise LlmlabError(f"{path}: model.vocab must map each token to an integer id")
+    if not isinstance(added_tokens, list) or not all(isinstance(t, dict) and type(t.get("id")) is int
+                                                     and isinstance(t.get("content"), str) for t in added_tokens):
+        raise LlmlabError(f"{path}: added_tokens must be a list of {{\"id\": int, \"content\": str, ...}}")
+    if not isinstance(merges, list) or not all(
+            isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m))
+            for m in merges):
+        raise LlmlabError(f"{path}: model.merges must be a list of \"a b\" strings or [a, b] pairs")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    return vocab, {t["id"]: t for t in added_tokens}, merges
+
+
+def _token_text(token) -> str | None:
+    # tokenizer_config.json names a token by its text, or by an AddedToken object holding it
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
+
+
+def _is_smollm_pre_tokenizer(pre) -> bool:
+    if not isinstance(pre, dict) or pre.get("type") != "Sequence":
         return False
     steps = pre.get("pretokenizers", [])
-    return (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+    return (isinstance(steps, list) and len(steps) == 2 and all(isinstance(s, dict) for s in steps)
+            and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex", True)
             and not steps[1].get("add_prefix_space", False))
 
