@@ -9,7 +9,9 @@
 
 Every engine switch (llmlab.options.SWITCHES) is a flag of generate, chat and bench, made from the
 registry: `--compile {none,default,...}`, `--cuda-graphs/--no-cuda-graphs`, `--steps-per-graph N`, ...
-Bad input (a missing model, an impossible setting) prints one `error: ...` line and exits with 2.
+Bad input (a missing model, a corrupt or unreadable file, an impossible setting, text that is not
+UTF-8) prints one `error: ...` line and exits with 2; in `chat`, a bad line is refused and the
+conversation goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .config import ModelConfig, config_from_gguf_metadata, config_from_hf, preset
+from . import validate
+from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .options import FLOAT_WEIGHTS, SWITCHES, EngineOptions, engine_options
 
@@ -66,6 +69,7 @@ def write(piece: str) -> None:
 def cmd_generate(args) -> int:
     if not args.prompt:
         raise LlmlabError("the prompt is empty: give some text, e.g. llmlab generate \"Once upon a time\"")
+    validate.text(args.prompt, "the prompt")     # bytes that are not UTF-8 arrive as lone surrogates
     max_new = max_new_tokens(args, 256 if args.chat else 64)
     sampling = sampling_kwargs(args)
     llm = load_model(args)
@@ -85,6 +89,10 @@ def cmd_chat(args) -> int:
     llm = load_model(args)
     print(f"Chatting with {llm.source}. /reset forgets the conversation; /exit or Ctrl-D quits; "
           f"Ctrl-C stops a reply.", file=sys.stderr, flush=True)
+    if hasattr(sys.stdin, "reconfigure"):
+        # a line that is not valid UTF-8 is then read (with lone surrogates) and refused, rather than
+        # ending the session with a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     while True:
         try:
@@ -94,6 +102,11 @@ def cmd_chat(args) -> int:
             return 0
         line = line.strip()
         if not line:
+            continue
+        try:
+            validate.text(line, "that line")
+        except LlmlabError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
             continue
         if line in ("/exit", "/quit"):
             return 0
@@ -146,20 +159,18 @@ def describe(source: str | None) -> dict:
 
 
 def _describe_hf_folder(path: Path) -> dict:
-    from safetensors import safe_open
+    from . import hf
 
     config_file = path / "config.json"
     weights = sorted(path.glob("*.safetensors"))
     if not config_file.is_file() or not weights:
         raise LlmlabError(f"{path}: a Hugging Face model folder needs config.json and *.safetensors")
-    config = config_from_hf(json.loads(config_file.read_text()))
+    config = hf.read_config(path)
     types, n_params = Counter(), 0
     for file in weights:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                types[tensor.get_dtype()] += 1
-                n_params += _prod(tensor.get_shape())
+        for dtype, shape in hf.tensor_headers(file).values():
+            types[dtype] += 1
+            n_params += _prod(shape)
     return {"source": str(path), "name": path.name, "config": config, "n_params": n_params,
             "file_bytes": sum(f.stat().st_size for f in weights), "tensor_types": types}
 
@@ -351,6 +362,11 @@ def cmd_eval(args) -> int:
 
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise LlmlabError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    if args.tokens < 2:
+        raise LlmlabError(f"--tokens {args.tokens}: score at least 2 tokens (a context token and a predicted one)")
+    if args.window < 2:
+        raise LlmlabError(f"--window {args.window}: a window needs at least 2 tokens (a context token and a "
+                          f"predicted one); 1024 is the default")
     report = quality_table(args.formats.split(","), n_tokens=args.tokens, window=args.window)
     print(f"{report['tokens']:,} tokens of {', '.join(report['held_out_plays'])}; reference: {report['reference']}")
     print(f"{'format':<10} {'MB':>7} {'perplexity':>11} {'KL (nats)':>10} {'top-1':>7}")
@@ -448,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:            # `llmlab generate ... | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:               # a file that exists but cannot be read: no permission, a folder, a device
+        where = f"{e.filename}: " if e.filename else "reading or writing a file: "
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

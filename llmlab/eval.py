@@ -22,14 +22,17 @@ import math
 
 import torch
 
+from . import validate
 from .errors import LlmlabError
 
 
 def token_log_probs(logits: torch.Tensor, ids) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 2..N: row t-1 of the logits scores token t. Shape (N-1,)."""
-    ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device)
-    if ids.dim() != 1 or len(ids) < 2:
-        raise LlmlabError(f"perplexity needs a sequence of at least 2 tokens, got {len(ids.view(-1))}: "
+    _check_logits(logits)
+    ids = torch.as_tensor(validate.token_ids(ids, logits.shape[-1], allow_empty=True), dtype=torch.long,
+                          device=logits.device)
+    if len(ids) < 2:
+        raise LlmlabError(f"perplexity needs a sequence of at least 2 tokens, got {len(ids)}: "
                           f"the first token is only context, each later one is predicted")
     if logits.shape[:-1] != ids.shape:
         raise LlmlabError(f"logits {tuple(logits.shape)} do not match {len(ids)} token ids: "
@@ -54,11 +57,10 @@ def perplexity(llm, ids_or_text, *, window: int = 1024) -> float:
     if isinstance(ids_or_text, str):
         ids = llm._require_tokenizer().encode(ids_or_text)
     else:
-        ids = [int(i) for i in ids_or_text]
+        ids = validate.token_ids(ids_or_text, llm.config.vocab_size, allow_empty=True)
     if len(ids) < 2:
         raise LlmlabError(f"perplexity needs at least 2 tokens, got {len(ids)}: give a longer text")
-    if not isinstance(window, int) or window < 2:
-        raise LlmlabError(f"window must be an integer >= 2 (a context token and a predicted one), got {window!r}")
+    check_window(window, llm.config.max_seq_len)
     total_nll, n_predicted = 0.0, 0
     for start in range(0, len(ids) - 1, window - 1):
         chunk = ids[start:start + window]
@@ -68,8 +70,29 @@ def perplexity(llm, ids_or_text, *, window: int = 1024) -> float:
     return math.exp(total_nll / n_predicted)
 
 
+def check_window(window, max_seq_len: int) -> int:
+    """Tokens per forward pass: a context token and a predicted one at least, the context at most.
+    A window of 0 or 1 would predict nothing, and the average of nothing would read as perplexity 1."""
+    if not validate.is_int(window) or not 2 <= window <= max_seq_len:
+        raise LlmlabError(f"window must be an integer from 2 (a context token and a predicted one) to the "
+                          f"model's context of {max_seq_len} tokens, got {window!r}")
+    return int(window)
+
+
+def _check_logits(logits) -> None:
+    # NaN compares false with everything, so a NaN row would silently count as agreeing or as 0 nats
+    if not isinstance(logits, torch.Tensor) or logits.dim() == 0 or not logits.is_floating_point():
+        raise LlmlabError(f"logits must be a float tensor (..., vocab), got {type(logits).__name__} "
+                          f"{getattr(logits, 'dtype', '')}")
+    if logits.isnan().any():
+        raise LlmlabError(f"the logits hold NaN at {logits.isnan().nonzero()[0].tolist()}: the model that made "
+                          f"them is broken (NaN weights, or an overflow in fp16)")
+
+
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.shape != b.shape or a.dim() == 0:
+    _check_logits(a)
+    _check_logits(b)
+    if a.shape != b.shape:
         raise LlmlabError(f"compare logits of the same shape (..., vocab); got {tuple(a.shape)} and {tuple(b.shape)}")
 
 

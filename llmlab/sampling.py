@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from .errors import LlmlabError
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -89,8 +91,16 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids, penalty: float)
         return logits
     seen = logits.gather(-1, ids)
     # A repeated id gathers and scatters the same value, so it is penalised exactly once.
-    penalised = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(-1, ids, penalised)
+    return logits.scatter(-1, ids, penalise(seen, penalty))
+
+
+def penalise(logits: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The penalty's two cases, kept inside float32's range: a penalty beyond it (1e-300, 1e300) would
+    round to 0 or inf, and a logit divided past it would be +inf; 0 * inf, and inf - inf in softmax,
+    are NaN. So the penalty stops at float32's extremes, and a logit at its largest value, where it
+    wins anyway."""
+    penalty = min(max(penalty, torch.finfo(torch.float32).tiny), FLOAT32_MAX)
+    return torch.where(logits > 0, logits / penalty, logits * penalty).clamp(max=FLOAT32_MAX)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -170,8 +180,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, *, previous_ids=None,
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a token is drawn from: temperature -> top-k -> top-p -> min-p -> softmax."""
-    logits = apply_temperature(logits, params.temperature)
+    """The distribution a token is drawn from: temperature -> top-k -> top-p -> min-p -> softmax.
+
+    The largest logit is subtracted first, which changes no probability (softmax is shift-invariant)
+    and no ranking, and keeps a tiny temperature (1e-300) from dividing logits past float32's range:
+    the top logit stays 0 and the rest go to -inf, which is greedy, as the limit T -> 0 should be.
+    Below float32's smallest normal number a temperature would round to 0 (and 0 / 0 is NaN), so it
+    stops there, where every logit not tied with the top is -inf already.
+    """
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature)
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None:
@@ -221,8 +239,7 @@ def sample_on_device(logits: torch.Tensor, params: SamplingParams, seed: torch.T
     exponential, and the first to arrive wins (the Gumbel-max trick, in another form)."""
     logits = logits.float()
     if seen is not None and params.repetition_penalty != 1.0:
-        penalty = params.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        logits = torch.where(seen, penalise(logits, params.repetition_penalty), logits)
     if params.is_greedy:
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, params)

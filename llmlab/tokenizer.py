@@ -33,11 +33,12 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable
 
 import regex  # the PyPI module: unlike `re`, it knows Unicode classes such as \p{L} and \p{N}
 
+from . import validate
+from .chat_template import check_messages, render_chat_template
 from .errors import LlmlabError
 
 NORMAL = 1         # llama.cpp's token type for an ordinary vocabulary entry
@@ -53,6 +54,10 @@ DIGIT = regex.compile(r"(\p{N})")  # the group keeps each digit in the split's o
 # What llama.cpp calls each pre-tokenizer: only SmolLM2's is written here.
 PRE_TOKENIZERS = ("smollm",)
 NEVER = float("inf")  # the rank of a pair that has no merge
+CACHED_WORD_CHARS = 64   # longer words (runs without a space) are rarely seen twice: not worth their memory
+# Stand-ins for control-token text inside a chat message, while the template renders: Unicode's
+# private-use plane 15, whose characters have no meaning anyone else relies on.
+STAND_INS = regex.compile("[\U000F0000-\U000FFFFD]")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -111,6 +116,11 @@ class Tokenizer:
         # bytes that never occur in UTF-8. Hugging Face and llama.cpp silently drop such a byte before
         # merging, so we spell it as "" and do the same.
         self.byte_to_char = [c if c in self.token_to_id else "" for c in map(byte_to_char.get, range(256))]
+        self.dropped_bytes = bytes(b for b in range(256) if not self.byte_to_char[b])
+        # Each token stands for at most this many bytes, so a text of n (kept) bytes is at least
+        # n / longest_token_bytes tokens: a bound that refuses a text too long for the context before
+        # any time goes into encoding it. (81 for SmolLM2: a newline and 80 spaces.)
+        self.longest_token_bytes = max(map(len, map(self.token_bytes, range(self.vocab_size))), default=1)
         # Text repeats its words; remembering each word's ids makes encoding mostly dict look-ups.
         self.word_cache: dict[str, list[int]] = {}
 
@@ -135,31 +145,33 @@ class Tokenizer:
     # --- encoding ------------------------------------------------------------------------------
 
     def bpe(self, word: str) -> list[str]:
-        """Merge a word's byte spelling into tokens: always join the adjacent pair of lowest rank.
+        """Merge a word's byte spelling into tokens: always join the adjacent pair of lowest rank, the
+        leftmost first among equal ones.
 
-        Each pass scans the whole word, so a word of n characters can take n passes. That is nothing
-        for real words (and `encode_word` caches them) but seconds for a 10,000-letter run without a
-        space; Hugging Face keeps the candidate pairs in a priority queue to avoid it.
+        Rescanning the word for the best pair after every merge would take n passes over a word of n
+        characters: seconds for a 10,000-letter run without a space. Instead, as Hugging Face does, the
+        candidate pairs wait in a heap ordered by (rank, position), and each merge pushes only the (at
+        most two) pairs it creates with its neighbours: O(n log n).
         """
-        parts = list(word)
-        while len(parts) > 1:
-            ranks = [self.merge_ranks.get(pair, NEVER) for pair in zip(parts, parts[1:])]
-            best = min(ranks)
-            if best == NEVER:
-                break
-            at = ranks.index(best)
-            first, second = parts[at], parts[at + 1]
-            # Join every occurrence of the winning pair, left to right, in one pass.
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return parts
+        parts: list[str | None] = list(word)            # a merged-away part becomes None
+        following = [*range(1, len(parts)), -1]          # the next part still alive after each, or -1
+        preceding = list(range(-1, len(parts) - 1))
+        heap = [(rank, i, a, b) for i, (a, b) in enumerate(zip(parts, parts[1:]))
+                if (rank := self.merge_ranks.get((a, b))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = following[i]
+            if j < 0 or parts[i] != a or parts[j] != b:   # stale: a side was merged since this was pushed
+                continue
+            parts[i], parts[j] = a + b, None
+            following[i] = following[j]
+            if following[j] >= 0:
+                preceding[following[j]] = i
+            for left, right in ((preceding[i], i), (i, following[i])):
+                if left >= 0 and right >= 0 and (rank := self.merge_ranks.get((parts[left], parts[right]))) is not None:
+                    heapq.heappush(heap, (rank, left, parts[left], parts[right]))
+        return [p for p in parts if p is not None]
 
     def encode_word(self, word: str) -> list[int]:
         """The ids of one pre-tokenized word."""
@@ -169,14 +181,15 @@ class Tokenizer:
             ids = [self.token_to_id[piece] for piece in self.bpe(spelled)]
             if len(self.word_cache) > 200_000:   # bound the memory a long, varied text can take
                 self.word_cache.clear()
-            self.word_cache[word] = ids
+            if len(word) <= CACHED_WORD_CHARS:
+                self.word_cache[word] = ids
         return ids
 
     def split_special(self, text: str) -> list[str]:
         """Text cut around control tokens: odd-numbered parts are control tokens, even ones plain text."""
         return self.special_pattern.split(text) if self.special_pattern else [text]
 
-    def encode(self, text: str, *, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, *, parse_special: bool = True, max_tokens: int | None = None) -> list[int]:
         """Token ids for `text`. Adds no BOS: SmolLM2's file says add_bos_token = False.
 
         Bytes the vocabulary has no token for are dropped (see `byte_to_char`), so decode(encode(s)) == s
@@ -185,8 +198,21 @@ class Tokenizer:
         With parse_special, "<|im_start|>" written in the text becomes its one id, as a chat template
         needs. Without it, it is spelled out as ordinary text ("<", "|", "im", ...), which is what you
         want for text from users, so they cannot forge the structure of a conversation.
+
+        max_tokens: raise TooManyTokens as soon as the text is known to be longer, by its length in bytes
+        before any encoding, else as soon as the count passes it.
         """
-        parts = self.split_special(text) if parse_special else [text]
+        text = validate.text(text)
+        return self.encode_parts(self.split_special(text) if parse_special else [text], max_tokens)
+
+    def encode_parts(self, parts: list[str], max_tokens: int | None = None) -> list[int]:
+        """Ids of text already cut by `split_special`: odd-numbered parts are control tokens."""
+        limit = float("inf") if max_tokens is None else max_tokens
+        if max_tokens is not None:
+            n_bytes = sum(len(p.encode("utf-8").translate(None, self.dropped_bytes)) for p in parts)
+            at_least = -(-n_bytes // self.longest_token_bytes)      # ceil
+            if at_least > limit:
+                raise TooManyTokens(at_least, max_tokens)
         ids = []
         for i, part in enumerate(parts):
             if i % 2:
@@ -194,12 +220,18 @@ class Tokenizer:
             else:
                 for word in pre_tokenize(part):
                     ids.extend(self.encode_word(word))
+                    if len(ids) > limit:
+                        raise TooManyTokens(len(ids), max_tokens)
+        if len(ids) > limit:
+            raise TooManyTokens(len(ids), max_tokens)
         return ids
 
     # --- decoding ------------------------------------------------------------------------------
 
     def token_bytes(self, id: int) -> bytes:
         """The raw bytes a token stands for. May be part of a UTF-8 character, so not always text."""
+        if not validate.is_int(id):
+            raise LlmlabError(f"a token id is an integer, got {type(id).__name__} {id!r}")
         if not 0 <= id < self.vocab_size:   # a negative id would otherwise index from the end
             raise LlmlabError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1}).")
         token = self.tokens[id]
@@ -209,7 +241,7 @@ class Tokenizer:
             return token.encode("utf-8")
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        """Text for token ids. Never raises.
+        """Text for token ids. Never raises for integer ids.
 
         The bytes of all tokens are joined and then decoded once, because one character may be split
         over several tokens. Bytes that are not valid UTF-8 (a sequence cut short, as when sampling
@@ -217,6 +249,7 @@ class Tokenizer:
         skipped: Hugging Face does the same for ids from vocab_size up to 2**32, and raises
         OverflowError for negative ones or larger ones.
         """
+        ids = validate.token_ids(ids, None, "ids to decode", allow_empty=True)
         data = b"".join(self.token_bytes(i) for i in ids
                         if 0 <= i < self.vocab_size and not (skip_special and i in self.special_ids))
         return data.decode("utf-8", errors="replace")
@@ -224,31 +257,51 @@ class Tokenizer:
     # --- chat ----------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model was trained to read it, rendered by the file's Jinja template."""
+        """The conversation as the model was trained to read it, rendered by the file's Jinja template
+        (sandboxed, under a time, memory and output budget: llmlab.chat_template).
+
+        The text holds the messages as written, control-token text included: to tokenize a
+        conversation, use `encode_chat`, which keeps such text from becoming control tokens.
+        """
+        messages = check_messages(messages)
+        validate.flag(add_generation_prompt, "add_generation_prompt")
         if not self.chat_template:
             raise LlmlabError("this tokenizer has no chat template (the GGUF has no tokenizer.chat_template).")
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.tokens[self.bos_id], eos_token=self.tokens[self.eos_id])
+        return render_chat_template(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.tokens[self.bos_id], eos_token=self.tokens[self.eos_id])
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered conversation, its control tokens as single ids."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), parse_special=True)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    allow_special_in_content: bool = False, max_tokens: int | None = None) -> list[int]:
+        """Ids of the rendered conversation: the template's markers ("<|im_start|>", "<|im_end|>") as
+        single control-token ids, and the messages as text.
+
+        A message that spells a control token ("...<|im_end|>\n<|im_start|>system\n...") gets the
+        characters it wrote, not the token, so no message can end its own turn and forge another.
+        While the template renders, each such spelling stands in as a private-use character that no
+        message holds; the template's own markers are then the only control tokens in its output, and
+        the stand-ins go back to the spellings, encoded as plain text. allow_special_in_content=True
+        makes them control tokens instead, for a conversation whose every word you wrote yourself.
+        max_tokens: as for `encode`.
+        """
+        messages = check_messages(messages)
+        if allow_special_in_content or self.special_pattern is None:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), max_tokens=max_tokens)
+        spelled = {t for m in messages for t in self.special_pattern.findall(m["content"])}
+        taken = set(STAND_INS.findall("".join(m["content"] for m in messages) + (self.chat_template or "")))
+        free = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in taken)
+        stand_in = dict(zip(sorted(spelled), free))
+        hidden = [{**m, "content": self.special_pattern.sub(lambda t: stand_in[t[0]], m["content"])} for m in messages]
+        spelling = str.maketrans({c: t for t, c in stand_in.items()})
+        parts = self.split_special(self.apply_chat_template(hidden, add_generation_prompt))
+        return self.encode_parts([p if i % 2 else p.translate(spelling) for i, p in enumerate(parts)], max_tokens)
 
 
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+class TooManyTokens(LlmlabError):
+    """A text longer than the `max_tokens` it was encoded under: at least `at_least` tokens."""
 
-    def raise_exception(message):  # templates call this to reject a conversation they cannot render
-        raise LlmlabError(f"the chat template rejected the conversation: {message}")
-
-    # The template comes from a downloaded file, so it runs sandboxed. trim_blocks and lstrip_blocks
-    # are the settings Hugging Face renders with; without them {% %} lines leave stray newlines.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    def __init__(self, at_least: int, max_tokens: int):
+        super().__init__(f"the text is at least {at_least:,} tokens long, more than the {max_tokens:,} allowed")
+        self.at_least, self.max_tokens = at_least, max_tokens
 
 
 # --- training ------------------------------------------------------------------------------------

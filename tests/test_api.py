@@ -26,6 +26,7 @@ def test_api_surface(llm):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+@pytest.mark.bad_input(kind='load() without the bundled model installed', gets='LlmlabError with the pip command that installs it')
 def test_no_model_installed_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -34,16 +35,19 @@ def test_no_model_installed_says_how_to_install(monkeypatch):
         llmlab.load()
 
 
+@pytest.mark.bad_input(kind='a model path that does not exist', gets='LlmlabError: no such file or folder, and what load() takes')
 def test_missing_path(tmp_path):
     with raises("no such file or folder"):
         llmlab.load(tmp_path / "missing.gguf")
 
 
+@pytest.mark.bad_input(kind='an unknown preset name', gets='LlmlabError listing the presets')
 def test_unknown_preset():
     with raises("unknown preset 'llama-9b'; choose one of: smollm2-135m"):
         llmlab.load("preset:llama-9b")
 
 
+@pytest.mark.bad_input(kind='an unknown dtype or device', gets='LlmlabError listing the choices')
 def test_unknown_dtype_and_device():
     with raises("dtype='int3' is not a valid choice; dtype takes one of: fp32, bf16, fp16"):
         llmlab.load(dtype="int3")
@@ -51,12 +55,14 @@ def test_unknown_dtype_and_device():
         llmlab.load(device="gpu0")
 
 
+@pytest.mark.bad_input(kind="device='cuda' on a machine without a GPU", gets="LlmlabError: no CUDA GPU, use device='cpu'")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu():
     with raises("no CUDA GPU"):
         llmlab.load(device="cuda")
 
 
+@pytest.mark.bad_input(kind='a model bigger than the free memory', gets='LlmlabError with the size, before anything is allocated')
 def test_preset_too_big_for_memory():
     # 8B parameters in fp32 are 32 GB: more than this 24 GB machine (or most laptops) has free
     with raises("needs 29.9 GiB"):
@@ -70,6 +76,7 @@ def test_empty_prompt(llm):
         llm.logits([])
 
 
+@pytest.mark.bad_input(kind='a prompt (token ids) longer than the context', gets='LlmlabError: shorten the prompt or ask for fewer new tokens')
 def test_prompt_longer_than_the_context(llm):
     ids = [100] * (llm.config.max_seq_len + 1)
     with raises("more than the model's context of 8192 tokens"):
@@ -78,6 +85,7 @@ def test_prompt_longer_than_the_context(llm):
         list(llm.generate_ids([100] * 8190, max_new_tokens=10))
 
 
+@pytest.mark.bad_input(kind='max_new_tokens of 0, negative or fractional', gets='LlmlabError')
 @pytest.mark.parametrize("n", [0, -3, 2.5])
 def test_max_new_tokens_must_be_positive(llm, n):
     with raises("max_new_tokens must be a positive integer"):
@@ -95,6 +103,7 @@ def test_bad_sampling_and_bad_ids(llm):
         llm.generate("Hello", top_K=5)
 
 
+@pytest.mark.bad_input(kind='a corrupt GGUF file given to load()', gets='LlmlabError naming the file')
 def test_corrupt_gguf_through_load(tmp_path):
     path = tmp_path / "corrupt.gguf"
     path.write_bytes(b"GGUF" + b"\xff" * 1000)
@@ -130,12 +139,14 @@ def test_hugging_face_folder_loads_the_same_model(llm, hf_model, gguf_path, tmp_
     assert folder.chat(chat, max_new_tokens=16) == llm.chat(chat, max_new_tokens=16)
 
 
+@pytest.mark.bad_input(kind='a Hugging Face folder without its tokenizer or weights', gets='LlmlabError listing what is missing')
 def test_hugging_face_folder_missing_pieces(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with raises("missing: tokenizer.json, \\*.safetensors"):
         llmlab.load(tmp_path)
 
 
+@pytest.mark.bad_input(kind='a Hugging Face config this engine would run wrongly (scaled RoPE, attention bias, another model type)', gets='LlmlabError naming the setting')
 def test_hugging_face_configs_this_engine_would_run_wrongly_are_refused():
     from llmlab.config import config_from_hf
 

@@ -106,6 +106,7 @@ if not torch.cuda.is_available():
     BAD_INPUTS.append((["generate", "hi", "--cuda-graphs"], "needs a CUDA device"))
 
 
+@pytest.mark.bad_input(kind='a bad command-line flag or value (unknown preset, missing file, empty prompt, impossible switch)', gets='one error: line, exit 2, nothing on stdout')
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_exits_2_with_one_clear_error(args, message):
     result = llmlab_cli(*args)
@@ -177,6 +178,7 @@ def test_bench_engines_from_specs_and_lists():
     ("sparsity=magnitude:1.5", "sparsity must be a fraction in [0, 1)"),
     ("compile=none", "two engines are both llmlab"),          # the same as the first --engine below
 ])
+@pytest.mark.bad_input(kind='a malformed llmlab bench --engine spec', gets='LlmlabError naming the switch and the form')
 def test_bad_engine_specs_are_one_clear_error(spec, message, capsys):
     assert cli.main(["bench", "--engine", "kv_cache=static", "--engine", spec]) == 2
     err = capsys.readouterr().err

@@ -40,12 +40,14 @@ def test_perplexity_by_hand_on_two_tokens():
     assert token_log_probs(logits, [0, 1]).tolist() == pytest.approx([math.log(p)], rel=1e-6)
 
 
+@pytest.mark.bad_input(kind='perplexity of fewer than two tokens', gets='LlmlabError: nothing to predict')
 @pytest.mark.parametrize("too_short", [[], [5], "", torch.tensor([3])])
 def test_fewer_than_two_tokens_is_an_error(llm, too_short):
     with pytest.raises(LlmlabError, match="at least 2 tokens"):
         perplexity(llm, too_short)
 
 
+@pytest.mark.bad_input(kind='logits that do not match the token ids', gets='LlmlabError with both shapes')
 def test_logits_that_do_not_match_the_ids_are_an_error():
     with pytest.raises(LlmlabError, match="do not match"):
         perplexity_from_logits(torch.zeros(4, 10), [1, 2, 3])
@@ -86,6 +88,7 @@ def test_top1_agreement_on_known_tensors():
     assert top1_agreement(reference[1], other[1]) == 0.0  # a single (vocab,) row works too
 
 
+@pytest.mark.bad_input(kind='logits of different shapes to compare', gets='LlmlabError with both shapes')
 def test_comparing_logits_of_different_shapes_is_an_error():
     with pytest.raises(LlmlabError, match="same shape"):
         kl_divergence(torch.zeros(3, 5), torch.zeros(3, 6))

@@ -111,6 +111,7 @@ def test_two_sequences_share_a_pool_and_read_back_their_own_tokens():
     assert set(a.block_table).isdisjoint(b.block_table)
 
 
+@pytest.mark.bad_input(kind='a paged KV cache that runs out of blocks', gets='LlmlabError')
 def test_full_pool_is_a_clear_error():
     config = preset("smollm2-135m", n_layers=1)
     seq = PagedKVCache(BlockPool(config, n_blocks=2, block_size=4))
@@ -118,6 +119,7 @@ def test_full_pool_is_a_clear_error():
         seq.update(0, 0, torch.randn(1, 3, 9, 64), torch.randn(1, 3, 9, 64))
 
 
+@pytest.mark.bad_input(kind='an unknown KV cache kind', gets='LlmlabError listing the kinds')
 def test_unknown_cache_kind(llm):
     with pytest.raises(LlmlabError, match="unknown KV cache 'ring'"):
         llm.generate("Hello", kv_cache="ring")

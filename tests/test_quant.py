@@ -118,6 +118,7 @@ def test_requantizing_the_shipped_q4_1_weights_with_groups_of_32_is_lossless(llm
     (dict(bits=4, per=0), "per must be"),
     (dict(bits=16, per="channel"), "bits must be 2..8"),
 ])
+@pytest.mark.bad_input(kind='quantizer settings that cannot work (bits, per, shapes)', gets='LlmlabError naming the setting')
 def test_bad_settings_are_clear_errors(bad, message):
     with pytest.raises(LlmlabError, match=message):
         quantize_symmetric(torch.randn(4, 100), **bad)
@@ -192,6 +193,7 @@ def test_fp8_layer_matches_the_dequantized_matmul():
 
 @pytest.mark.parametrize("group_size, message", [(48, "must be one of 32, 64, 128, 256"),
                                                  (256, "does not divide the 576 inputs")])
+@pytest.mark.bad_input(kind='an int4 group size the kernel cannot take', gets='LlmlabError listing the sizes')
 def test_int4_layer_rejects_group_sizes_the_kernel_cannot_take(group_size, message):
     with pytest.raises(LlmlabError, match=message):
         Int4Linear(torch.randn(64, 576), group_size)
@@ -270,6 +272,7 @@ def test_load_weights_and_dtype():
     (dict(weights="bf16", dtype="fp32"), "disagree"),
     (dict(weights="int8", group_size=32), "group_size is for weights='int4' only"),
 ])
+@pytest.mark.bad_input(kind='load() with an unknown weight format or group size', gets='LlmlabError before the model loads')
 def test_load_rejects_bad_weights_before_loading(kwargs, message):
     with pytest.raises(LlmlabError, match=message):
         llmlab.load(**kwargs)

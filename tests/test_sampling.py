@@ -345,6 +345,7 @@ def test_any_float_dtype(dtype):
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("inf")),
     ("seed", -1), ("seed", 1.5), ("seed", 2**64),
 ])
+@pytest.mark.bad_input(kind='an invalid SamplingParams field', gets='LlmlabError naming the field and its range')
 def test_each_invalid_parameter_is_named_in_the_error(field, value):
     with pytest.raises(LlmlabError, match=rf"^{field} ") as info:
         SamplingParams(**{field: value})

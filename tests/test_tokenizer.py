@@ -228,7 +228,7 @@ def test_dropped_bytes(tok, hf_smollm, dropped_bytes):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(), mixed_text()))
+@given(st.one_of(st.text(), mixed_text(st.characters(exclude_categories=("Cs",)))))   # a lone surrogate is refused
 def test_round_trip(tok, dropped_bytes, text):
     # Byte-level BPE loses nothing but the bytes the vocabulary lacks (`without` is the identity on any
     # text free of them, which is nearly all text). With parse_special=False control tokens are spelled
@@ -296,7 +296,9 @@ def test_chat_template_matches_hf(tok, hf_gguf, messages, add_generation_prompt)
     assert ours == hf_gguf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     theirs = hf_gguf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                          return_dict=False)
-    assert tok.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(theirs)
+    # HF makes "<|im_start|>" inside a message a control token; llmlab does so only when asked
+    assert tok.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                           allow_special_in_content=True) == list(theirs)
 
 
 def test_chat_template_text(tok):

@@ -19,9 +19,12 @@ import torch
 
 from .. import eval as quality
 from ..corpus import HELD_OUT_PLAYS, shakespeare_dir
+from ..config import preset
 from ..errors import LlmlabError
-from ..kv_cache import make_cache
+from ..kv_cache import KV_CACHES, make_cache
 from ..llm import LLM, load
+from ..options import engine_options
+from ..validate import is_int
 
 try:
     from tqdm.auto import tqdm
@@ -33,12 +36,21 @@ KL_ROWS = 128   # positions per KL computation: float64 over 49,152 tokens is 50
 
 def held_out_ids(tokenizer, n_tokens: int = 50_000) -> list[int]:
     """The first n_tokens token ids of the held-out plays."""
+    check_n_tokens(n_tokens)
     text = "\n\n".join((shakespeare_dir() / play).read_text(encoding="utf-8", errors="replace")
                        for play in HELD_OUT_PLAYS)
     ids = tokenizer.encode(text)
     if len(ids) < n_tokens:
         raise LlmlabError(f"the held-out plays give {len(ids):,} tokens, fewer than the {n_tokens:,} asked for")
     return ids[:n_tokens]
+
+
+def check_n_tokens(n_tokens) -> int:
+    # a negative count would slice from the end (ids[:-1] is nearly all of them), 0 or 1 predict nothing
+    if not is_int(n_tokens) or n_tokens < 2:
+        raise LlmlabError(f"the number of tokens to score must be an integer >= 2 (a context token and a "
+                          f"predicted one), got {n_tokens!r}")
+    return int(n_tokens)
 
 
 def cached_logits(llm: LLM, ids: list[int], kv_cache: str) -> torch.Tensor:
@@ -60,6 +72,7 @@ def compare_many(reference: LLM, candidates: dict[str, tuple[LLM, str | None]], 
     shared by all candidates; with a KV cache kind, a candidate's logits come through that cache."""
     if len(ids) < 2:
         raise LlmlabError(f"compare needs at least 2 tokens, got {len(ids)}")
+    quality.check_window(window, reference.config.max_seq_len)
     windows = [ids[start:start + window] for start in range(0, len(ids) - 1, window - 1)]
     if progress and tqdm is not None:
         windows = tqdm(windows, desc="windows", unit="window")
@@ -108,17 +121,27 @@ def model_bytes(llm: LLM) -> int:
 def parse_format(name: str) -> tuple[str, int | None, str | None]:
     """"int4-g64" -> ("int4", 64, None); "kv-int8" -> ("fp32", None, "kv-int8"); "bf16" -> ("bf16", None, None)."""
     if name.startswith("kv-"):
+        if name not in KV_CACHES:
+            kinds = ", ".join(k for k in KV_CACHES if k.startswith("kv-"))
+            raise LlmlabError(f"format {name!r}: the KV cache formats are {kinds}")
         return "fp32", None, name
     weights, _, group = name.partition("-g")
     if group and not group.isdigit():
         raise LlmlabError(f"format {name!r}: write a group size as int4-g32, int4-g64, ...")
-    return weights, int(group) if group else None, None
+    group_size = int(group) if group else None
+    try:    # checked now, not after minutes of loading the reference
+        engine_options(weights=weights, group_size=group_size)
+    except LlmlabError as e:
+        raise LlmlabError(f"format {name!r}: {e}") from None
+    return weights, group_size, None
 
 
 def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024, progress: bool = True) -> dict:
     """Each format ("fp32", "bf16", "int8", "int4-g32", "fp8", "kv-int8", ...) against the fp32 model
     on n_tokens of the held-out plays, with the model's weight bytes."""
     parsed = {name: parse_format(name) for name in formats}          # every name checked before any work
+    check_n_tokens(n_tokens)
+    quality.check_window(window, preset("smollm2-135m").max_seq_len)   # the bundled model's context, before it loads
     reference = load(weights="fp32")
     ids = held_out_ids(reference.tokenizer, n_tokens)
     candidates = {name: (reference if (weights, kv_cache) == ("fp32", None)

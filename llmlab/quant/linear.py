@@ -142,7 +142,7 @@ def quantized_linear(weight: torch.Tensor, weights: str, group_size: int | None,
     if weights == "int8":
         return Int8Linear(weight, dtype)
     if weights == "int4":
-        return Int4Linear(weight, group_size or 32, dtype=dtype)
+        return Int4Linear(weight, 32 if group_size is None else group_size, dtype=dtype)   # 0 is refused, not 32
     return Fp8Linear(weight, dtype)
 
 

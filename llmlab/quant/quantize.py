@@ -33,8 +33,12 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max   # 448.0
 
 def grouped(w: torch.Tensor, per: str | int) -> torch.Tensor:
     """w (N, K) viewed as (rows, groups, group): one scale will be computed over each last axis."""
-    if w.dim() != 2:
-        raise LlmlabError(f"quantize a weight matrix (out, in); got a tensor of shape {tuple(w.shape)}")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise LlmlabError(f"quantize a weight matrix (out, in); got {type(w).__name__} of shape "
+                          f"{tuple(getattr(w, 'shape', ()))}")
+    if not w.isfinite().all():   # one NaN makes its group's scale NaN, and every q in the group a made-up 0
+        raise LlmlabError(f"the weights hold NaN or infinity at {(~w.isfinite()).nonzero()[0].tolist()}: "
+                          f"quantize finite weights")
     n, k = w.shape
     if per == "tensor":
         return w.reshape(1, 1, n * k)
