@@ -88,7 +88,7 @@ def load_weights(w_ptr, norm_ptr, tile, start, row_ok, n_rows, n_cols, NORM: tl.
 
 def launch_config(n_rows: int, n_cols: int, glu: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from a sweep on an H200 (bf16, each config replayed from a CUDA
-    graph; python -m llmlab.bench.fused_sweep). Short rows (K <= 1024, a small model) are read in one
+    graph: python -m llmlab.bench.fused_sweep). Short rows (K <= 1024, a small model) are read in one
     load, not a chain of dependent ones; long rows in 512-wide steps. Few rows per program: a layer's
     products then spread over hundreds of programs, enough to keep every SM's loads in flight."""
     short = n_cols <= 1024
