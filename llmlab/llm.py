@@ -19,7 +19,7 @@ from .kv_cache import KV_CACHES
 from .memory import check_fits
 from .model import Transformer
 from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity
-from .quant import quantize_model
+from .quant import quantize_head, quantize_model
 from .sampling import SamplingParams
 from .step import Decoder, bucket
 from .tokenizer import Tokenizer, TooManyTokens
@@ -222,9 +222,11 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     weights are stored; int8, int4, fp8 are quantized from the fp32 weights by
     `llmlab.quant.quantize_model` (separate projections: `fused` does not apply) and run their
     activations in bf16 unless dtype says otherwise: PyTorch's CPU int8/int4 kernels are fast only then.
+    head: "float", or "int8" for an int8 copy of the LM head from the fp32 weights (`quantize_head`).
     fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`).
     attention: "sdpa", "naive" or "triton"; kernels: "torch" or "triton" for RMSNorm (residual add
-    fused in), RoPE and SwiGLU. Without a GPU the Triton kernels run in Triton's CPU interpreter:
+    fused in), RoPE and SwiGLU, or "fused-decode" for the decode step as six hand-fused Triton kernels
+    per layer (llmlab.fused_decode; use it with cuda_graphs=True on a GPU). Without a GPU the Triton kernels run in Triton's CPU interpreter:
     correct, and very slow; for stepping through and testing, on tiny models.
     kv_cache: the cache layout generation uses. compile, cuda_graphs, steps_per_graph: run decoding
     through the fixed-shape step (llmlab.step), compiled by torch.compile and/or captured in CUDA graphs.
@@ -242,7 +244,7 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     sparsity = parse_sparsity(options.sparsity)
     # quantizing and pruning both start from the fp32 weights: prune first, then quantize (int8's and
     # fp8's zero is exact, so the zeros stay) or cast to the model's dtype, then fuse
-    from_fp32 = options.weights in QUANTIZED_WEIGHTS or sparsity is not None
+    from_fp32 = options.weights in QUANTIZED_WEIGHTS or sparsity is not None or options.head != "float"
     llm = _load(source, "fp32" if from_fp32 else model_dtype, device, seed)
     if sparsity is not None:
         # imported here: imported with llmlab, `python -m llmlab.compress.semi_structured` (its GPU
@@ -253,6 +255,8 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
             semi_structured.prune_2_4(llm, score)
         else:
             unstructured.prune(llm, score, fraction, scope)
+    if options.head == "int8":
+        quantize_head(llm.model, parse_dtype(model_dtype))
     if options.weights in QUANTIZED_WEIGHTS:
         quantize_model(llm.model, options.weights, options.group_size, parse_dtype(model_dtype))
     else:

@@ -31,6 +31,9 @@ SWITCHES = {
                              "bf16 under quantized weights)"),
     "weights": (FLOAT_WEIGHTS + QUANTIZED_WEIGHTS, "how the linear layers' weights are stored"),
     "group_size": (INT4_GROUP_SIZES, "int4 only: how many inputs share one scale (default 32)"),
+    "head": (("float", "int8"), "how the LM head's weights are stored: in the model's float dtype, or int8 with one "
+                                "scale per output row (as llama.cpp's Q8_0 head of the shipped file), a copy of "
+                                "the tied embedding: the embedding's lookups keep reading float rows"),
     "fused": (bool, "one matmul for q/k/v and one for gate/up per layer, over stacked weights"),
     "attention": (("naive", "sdpa", "triton"), "attention backend: the maths written out, PyTorch's "
                                                "SDPA, or llmlab's Triton FlashAttention and decode kernels"),
@@ -84,6 +87,7 @@ class EngineOptions:
     dtype: str | None = None
     weights: str | None = None
     group_size: int | None = None
+    head: str = "float"
     fused: bool = True
     attention: str = "sdpa"
     kernels: str = "torch"
@@ -129,6 +133,8 @@ class EngineOptions:
         if self.weights in QUANTIZED_WEIGHTS or not self.fused:
             raise LlmlabError("kernels='fused-decode' reads float weights stacked as [W_q; W_k; W_v] and "
                               "[W_gate; W_up]: use fused=True and a float weights= (fp32, bf16, fp16)")
+        if self.head != "float":
+            raise LlmlabError("kernels='fused-decode' reads the LM head in the model's float dtype: use head='float'")
         if self.kv_cache != "static":
             raise LlmlabError("kernels='fused-decode' writes the static KV cache in the model's dtype: use "
                               "kv_cache='static'")

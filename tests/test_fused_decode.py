@@ -94,6 +94,7 @@ def test_greedy_tokens_through_the_decoder_equal_the_plain_loop_on_cpu():
     ({"kernels": "fused-decode", "fused": False}, "use fused=True and a float weights="),
     ({"kernels": "fused-decode", "weights": "int8"}, "use fused=True and a float weights="),
     ({"kernels": "fused-decode", "kv_cache": "kv-int8"}, "use kv_cache='static'"),
+    ({"kernels": "fused-decode", "head": "int8"}, "use head='float'"),
     ({"kernels": "fused-decode", "kv_cache": "paged"}, "paged KV cache stays eager"),
     ({"kernels": "fused-decode", "compile": "default"}, "use cuda_graphs=True"),
     ({"kernels": "fused-decode", "attention": "triton"}, "need attention='sdpa' or 'naive'"),

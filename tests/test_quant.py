@@ -307,3 +307,31 @@ def test_quality_table_scores_formats_against_fp32():
     assert kv["model_bytes"] == fp32["model_bytes"]                    # a cache format: same weights
     with pytest.raises(LlmlabError, match="int4-g32"):
         quality_table(["int4-gx"])
+
+
+# --- the int8 LM head (head="int8") ----------------------------------------------------------------
+
+def test_int8_head_logits_stay_within_the_quantization_bound():
+    """Each int8 weight is off by at most half its row's step (scale_n / 2), so logit n of the int8 head
+    is off by at most sum_k |x_k| * scale_n / 2 from the fp32 head's: a bound from the maths, not from
+    the code under test (fp32 activations; 1e-5 relative slack for the summation order)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(300, 128) * 0.05, torch.randn(4, 128)
+    head = Int8Linear(weight, torch.float32)
+    bound = x.abs().sum(-1, keepdim=True) * head.scale[None, :] / 2
+    error = (head(x) - F.linear(x, weight)).abs()
+    assert (error <= bound * (1 + 1e-5) + 1e-6).all()
+    assert error.max() > 0                                   # it is quantized: not the same matrix
+
+
+def test_load_with_an_int8_head_reads_fewer_bytes_and_keeps_a_float_embedding():
+    from llmlab.bench.engines import weight_bytes_per_token
+    plain = llmlab.load("preset:smollm2-135m", weights="int4")
+    small = llmlab.load("preset:smollm2-135m", weights="int4", head="int8")
+    assert isinstance(small.model.head, Int8Linear) and small.model.embed.weight.dtype == torch.bfloat16
+    saved = (weight_bytes_per_token(plain.model, plain.model.embed)
+             - weight_bytes_per_token(small.model, small.model.embed))
+    vocab, dim = plain.config.vocab_size, plain.config.dim
+    # bf16 (2 bytes) -> int8 (1 byte) per head weight, plus one bf16 scale per row
+    assert saved == vocab * dim * 2 - (vocab * dim + vocab * 2)
+    assert len(list(small.generate_ids([1, 2, 3], 4))) == 4
