@@ -369,9 +369,10 @@ def cmd_eval(args) -> int:
                           f"predicted one); 1024 is the default")
     report = quality_table(args.formats.split(","), n_tokens=args.tokens, window=args.window)
     print(f"{report['tokens']:,} tokens of {', '.join(report['held_out_plays'])}; reference: {report['reference']}")
-    print(f"{'format':<10} {'MB':>7} {'perplexity':>11} {'KL (nats)':>10} {'top-1':>7}")
+    width = max(10, *map(len, report["results"]))
+    print(f"{'format':<{width}} {'MB':>7} {'perplexity':>11} {'KL (nats)':>10} {'top-1':>7}")
     for name, r in report["results"].items():
-        print(f"{name:<10} {r['model_bytes'] / 1e6:>7.1f} {r['perplexity']:>11.3f} {r['kl_divergence']:>10.5f} "
+        print(f"{name:<{width}} {r['model_bytes'] / 1e6:>7.1f} {r['perplexity']:>11.3f} {r['kl_divergence']:>10.5f} "
               f"{r['top1_agreement']:>7.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -443,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="perplexity, KL and top-1 agreement of weight / KV formats against fp32")
     p.add_argument("--formats", default="fp32,bf16,fp16,int8,int4-g32,int4-g64,fp8,kv-int8",
-                   help="comma-separated: fp32, bf16, fp16, int8, int4-gN, fp8, kv-int8 (an int8 KV cache)")
+                   help="comma-separated: fp32, bf16, fp16, int8, int4-gN, fp8, kv-int8 (an int8 KV cache); "
+                        "more switches after '+': int4-g32+head=int8, fp32+sparsity=wanda:0.5")
     p.add_argument("--tokens", type=int, default=50_000, help="tokens of held-out Shakespeare (default 50,000)")
     p.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
     p.add_argument("--json", metavar="PATH", help="write every number here")

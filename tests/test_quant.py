@@ -309,6 +309,17 @@ def test_quality_table_scores_formats_against_fp32():
         quality_table(["int4-gx"])
 
 
+def test_formats_take_more_switches_after_a_plus():
+    from llmlab.quant.evaluate import parse_format
+    assert parse_format("int4-g32+head=int8") == ({"weights": "int4", "group_size": 32, "head": "int8"}, None)
+    assert parse_format("fp32+sparsity=wanda:0.5") == ({"weights": "fp32", "sparsity": "wanda:0.5"}, None)
+    assert parse_format("kv-int8") == ({"weights": "fp32"}, "kv-int8")
+    with pytest.raises(LlmlabError, match="after '\\+' write one of head, sparsity"):
+        parse_format("int8+fused=false")
+    with pytest.raises(LlmlabError, match="sparsity must be a fraction"):
+        parse_format("fp32+sparsity=wanda:2")
+
+
 # --- the int8 LM head (head="int8") ----------------------------------------------------------------
 
 def test_int8_head_logits_stay_within_the_quantization_bound():

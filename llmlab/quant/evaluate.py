@@ -31,6 +31,8 @@ try:
 except ImportError:   # tqdm comes with the `lab` extras; without it there is no progress bar
     tqdm = None
 
+# switches a format may add after "+" (their values are text; llmlab.options checks them)
+TEXT_SWITCHES = ("head", "sparsity")
 KL_ROWS = 128   # positions per KL computation: float64 over 49,152 tokens is 50 MB per tensor
 
 
@@ -118,22 +120,33 @@ def model_bytes(llm: LLM) -> int:
     return sum(storages.values())
 
 
-def parse_format(name: str) -> tuple[str, int | None, str | None]:
-    """"int4-g64" -> ("int4", 64, None); "kv-int8" -> ("fp32", None, "kv-int8"); "bf16" -> ("bf16", None, None)."""
-    if name.startswith("kv-"):
-        if name not in KV_CACHES:
+def parse_format(name: str) -> tuple[dict, str | None]:
+    """A format name as (load switches, KV cache kind or None):
+
+    "int4-g64" -> ({"weights": "int4", "group_size": 64}, None);  "kv-int8" -> ({"weights": "fp32"}, "kv-int8");
+    more switches after "+": "int4-g32+head=int8", "fp32+sparsity=wanda:0.5" (any text-valued switch)."""
+    first, *extra = name.split("+")
+    if first.startswith("kv-"):
+        if first not in KV_CACHES:
             kinds = ", ".join(k for k in KV_CACHES if k.startswith("kv-"))
             raise LlmlabError(f"format {name!r}: the KV cache formats are {kinds}")
-        return "fp32", None, name
-    weights, _, group = name.partition("-g")
-    if group and not group.isdigit():
-        raise LlmlabError(f"format {name!r}: write a group size as int4-g32, int4-g64, ...")
-    group_size = int(group) if group else None
+        switches, kv_cache = {"weights": "fp32"}, first
+    else:
+        weights, _, group = first.partition("-g")
+        if group and not group.isdigit():
+            raise LlmlabError(f"format {name!r}: write a group size as int4-g32, int4-g64, ...")
+        switches, kv_cache = {"weights": weights, **({"group_size": int(group)} if group else {})}, None
+    for part in extra:
+        key, equals, value = part.partition("=")
+        if not equals or key in switches or key not in TEXT_SWITCHES:
+            raise LlmlabError(f"format {name!r}: after '+' write one of {', '.join(TEXT_SWITCHES)} as switch=value, "
+                              f"e.g. int4-g32+head=int8 or fp32+sparsity=wanda:0.5")
+        switches[key] = value
     try:    # checked now, not after minutes of loading the reference
-        engine_options(weights=weights, group_size=group_size)
+        engine_options(**switches)
     except LlmlabError as e:
         raise LlmlabError(f"format {name!r}: {e}") from None
-    return weights, group_size, None
+    return switches, kv_cache
 
 
 def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024, progress: bool = True) -> dict:
@@ -144,14 +157,14 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
     quality.check_window(window, preset("smollm2-135m").max_seq_len)   # the bundled model's context, before it loads
     reference = load(weights="fp32")
     ids = held_out_ids(reference.tokenizer, n_tokens)
-    candidates = {name: (reference if (weights, kv_cache) == ("fp32", None)
-                         else load(weights=weights, group_size=group_size), kv_cache)
-                  for name, (weights, group_size, kv_cache) in parsed.items()}
+    candidates = {name: (reference if switches == {"weights": "fp32"} and kv_cache is None else load(**switches),
+                         kv_cache)
+                  for name, (switches, kv_cache) in parsed.items()}
     if progress:
         print(f"{', '.join(formats)} against fp32 on {len(ids):,} tokens", flush=True)
     scores = compare_many(reference, candidates, ids, window=window, progress=progress)
-    results = {name: {"weights": weights, "group_size": group_size, "kv_cache": kv_cache,
-                      "model_bytes": model_bytes(candidates[name][0]), **scores[name]}
-               for name, (weights, group_size, kv_cache) in parsed.items()}
+    results = {name: {"weights": switches["weights"], "group_size": switches.get("group_size"), "kv_cache": kv_cache,
+                      "switches": switches, "model_bytes": model_bytes(candidates[name][0]), **scores[name]}
+               for name, (switches, kv_cache) in parsed.items()}
     return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
             "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}
