@@ -200,12 +200,19 @@ class LLM:
                                         **sampling))
 
 
+# what generate_ids takes besides sampling, which generate/stream/chat pass on to it
+GENERATION_OPTIONS = ("use_cache", "stop_ids", "kv_cache")
+
+
 def sampling_params(sampling: dict) -> SamplingParams:
-    """SamplingParams from keyword arguments, with the names it takes listed for a misspelt one."""
+    """SamplingParams from keyword arguments (generate_ids's own options set aside), with the names it
+    takes listed for a misspelt one."""
+    sampling = {k: v for k, v in sampling.items() if k not in GENERATION_OPTIONS}
     unknown = sampling.keys() - SamplingParams.__dataclass_fields__.keys()
     if unknown:
         raise LlmlabError(f"unknown option(s) {sorted(unknown)}; sampling takes "
-                          f"{', '.join(SamplingParams.__dataclass_fields__)}")
+                          f"{', '.join(SamplingParams.__dataclass_fields__)}, and generation "
+                          f"{', '.join(GENERATION_OPTIONS)}")
     return SamplingParams(**sampling)
 
 
