@@ -193,8 +193,10 @@ def test_stage_times_are_non_negative_and_add_up_to_the_wall_time(tiny):
         # stages are timed one after another, never nested, so the remainder can't go negative
         assert all(seconds >= 0 for seconds in step.values()), step
     inside = profile.prefill_wall + sum(sum(step.values()) for step in profile.decode_steps)
-    # outside the steps there are only a few Python statements and the cost arithmetic
-    assert inside == pytest.approx(outside, rel=0.1)
+    # outside the steps there are only a few Python statements and the cost arithmetic: a fixed cost of
+    # well under 2 ms, which on this tiny model's 4 ms is more than 10 %, so the slack is 10 % or 2 ms
+    assert inside <= outside
+    assert outside - inside <= max(0.1 * outside, 2e-3)
     assert len(profile.decode_steps) == len(profile.token_ids) - 1 == 7
 
 
