@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -327,7 +328,7 @@ def bench_engines(args) -> list[EngineOptions]:
 def cmd_bench(args) -> int:
     from . import bench
 
-    settings = bench.BenchSettings(args.prompt_tokens, args.new_tokens, args.runs, args.warmup)
+    settings = bench.BenchSettings(args.prompt_tokens, args.new_tokens, args.runs, args.warmup, args.batch)
     engines = bench_engines(args)
     bench.check_engines(engines)
     if args.json:
@@ -339,7 +340,7 @@ def cmd_bench(args) -> int:
                        contexts=_int_list(args.contexts, "--contexts"), roofline=args.roofline,
                        tokenizer=args.tokenizer, launches=args.launches, progress=bench.stderr_progress)
     print(bench.format_table(report))
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":      # under tp, every rank has the report: one writes it
         bench.write_json(report, args.json)
         print(f"\nwrote {args.json}")
     return 0
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded side by side (graph-ready "
+                                                        "engines and gpt-fast); tok/s counts every row")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed runs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for every engine (default 2 on CPU)")
     p.add_argument("--compare", choices=["hf", "llamacpp", "gpt-fast"],
@@ -453,9 +456,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_ranks(n: int, argv: list[str]) -> int:
+    """`llmlab generate|bench --tp N ...`: the same command again in N processes under torchrun, which
+    stops them all when one fails. Rank 0 prints; the others' standard output is dropped."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               "-m", "llmlab.cli", *argv]
+    returncode = subprocess.run(command).returncode
+    if returncode != 0:
+        print(f"error: the {n} processes of --tp {n} stopped with exit code {returncode}: one of them failed (its "
+              f"error is above; torchrun then stopped the others)", file=sys.stderr)
+    return returncode
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        tp = getattr(args, "tp", None) or 1
+        if tp > 1 and args.func is cmd_chat:
+            raise LlmlabError("llmlab chat reads your turns in one process; --tp is for generate and bench")
+        if tp > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_ranks(tp, argv)
+        if os.environ.get("RANK", "0") != "0":
+            sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except LlmlabError as e:
         print(f"error: {e}", file=sys.stderr)

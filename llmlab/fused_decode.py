@@ -12,7 +12,10 @@ decode each is a matrix-vector product, simple enough to write by hand with its 
     5  g = silu(W_gate n) * W_up n,  n = RMSNorm(h)                             (the same matvec kernel)
     6  x = h + W_down g
 
-then RMSNorm and the LM head in one more. Every shape is fixed and positions are a tensor, so the whole
+then RMSNorm and the LM head in one more. Under tensor parallelism (llmlab.parallel) each rank runs the
+same kernels over its own heads and channels; the row-parallel products 4 and 6 are partial sums, all-reduced
+before the next kernel reads them, with the residual added on rank 0 only (so it is counted once), and the
+head's slice of the logits is all-gathered. Every shape is fixed and positions are a tensor, so the whole
 step is replayed from a CUDA graph (cuda_graphs=True). The step computes exactly what Transformer.forward
 does at one token; it only reads the weights the model already holds (fused=True's stacked [W_q; W_k; W_v]
 and [W_gate; W_up]) and the static cache. Prefill, whose matmuls are real matrix products, stays on the
@@ -25,6 +28,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Transformer, triton_kernel
+from .parallel import tensor_parallel_of
 
 
 def check_fusable(model: Transformer, cache) -> None:
@@ -45,6 +49,9 @@ def decode_logits(model: Transformer, token: torch.Tensor, pos: torch.Tensor, ca
     matvec = triton_kernel("fused_matvec").matvec
     qkv_rope_cache = triton_kernel("fused_qkv").qkv_rope_cache
     attend = triton_kernel("decode_attention").decode_attention_at_positions
+    shard = tensor_parallel_of(model)
+    total = (lambda partial: partial) if shard is None else shard.all_reduce     # of the row-parallel products
+    on_one_rank = shard is None or shard.rank == 0                                 # the residual, added once
     x = model.embed(token[:, 0])                                                    # (batch, dim)
     for i, block in enumerate(model.layers):
         attention, mlp = block.attention, block.mlp
@@ -52,7 +59,8 @@ def decode_logits(model: Transformer, token: torch.Tensor, pos: torch.Tensor, ca
         q = qkv_rope_cache(x, block.attn_norm.weight, block.attn_norm.eps, attention.wqkv,
                            model.rope_cos, model.rope_sin, pos, keys, values)      # (batch, heads, head_dim)
         o = attend(q, keys, values, pos, block_n=32).flatten(1)                     # (batch, heads * head_dim)
-        h = matvec(o, attention.wo.weight, residual=x)
+        h = total(matvec(o, attention.wo.weight, residual=x if on_one_rank else None))
         g = matvec(h, mlp.w_gate_up, norm=block.mlp_norm.weight, eps=block.mlp_norm.eps, glu=True)
-        x = matvec(g, mlp.w_down.weight, residual=h)
-    return matvec(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
+        x = total(matvec(g, mlp.w_down.weight, residual=h if on_one_rank else None))
+    logits = matvec(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
+    return logits if shard is None else model.head.gather(logits)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gguf, hf, validate
+from . import gguf, hf, parallel, validate
 from .config import ModelConfig, config_from_gguf_metadata, preset
 from .errors import LlmlabError
 from .generate import generate_tokens, stream_text
@@ -122,9 +122,11 @@ class LLM:
             raise LlmlabError(f"max_new_tokens is {max_new_tokens}: that leaves no room for a prompt in the model's "
                               f"context of {self.config.max_seq_len} tokens. Ask for fewer new tokens.")
         try:
-            return encode(max_tokens=self.config.max_seq_len - max_new_tokens)
+            ids = encode(max_tokens=self.config.max_seq_len - max_new_tokens)
         except TooManyTokens as e:
             self._refuse_too_long(f"at least {e.at_least:,} tokens", max_new_tokens)
+        shard = parallel.tensor_parallel_of(self.model)
+        return ids if shard is None else shard.broadcast(ids)     # rank 0's tokens, on every rank
 
     def decoder(self, params: SamplingParams, n_tokens: int, batch: int = 1) -> Decoder:
         """The fixed-shape decoder for generations of up to n_tokens (prompt + new), made once per
@@ -245,6 +247,10 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     """
     options = engine_options(**switches)
     dev = parse_device(device)
+    shard = None
+    if options.tp > 1:      # one process per device: each loads the whole model onto its own, then keeps its part
+        shard, dev = parallel.join(options.tp, dev)
+        device = str(dev)
     if options.cuda_graphs and dev.type != "cuda":
         raise LlmlabError(f"cuda_graphs=True needs a CUDA device; device={device!r}")
     model_dtype = options.model_dtype
@@ -262,6 +268,9 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
             semi_structured.prune_2_4(llm, score)
         else:
             unstructured.prune(llm, score, fraction, scope)
+    if shard is not None:
+        parallel.shard_model(llm.model, shard)
+        llm.config = llm.model.config
     if options.head == "int8":
         quantize_head(llm.model, parse_dtype(model_dtype))
     if options.weights in QUANTIZED_WEIGHTS:

@@ -50,12 +50,15 @@ SWITCHES = {
     "cuda_graphs": (bool, "capture the decode step in a torch.cuda.CUDAGraph and replay it (CUDA only)"),
     "steps_per_graph": (int, "decode steps run per compiled call / graph replay, without the host "
                              "looking at the tokens in between (stop tokens are checked after each)"),
+    "tp": (int, "tensor parallelism: split every layer over this many processes, one per GPU (NCCL) or CPU "
+                "process (gloo), started by torchrun (llmlab.parallel); 1 runs on one device"),
     "sparsity": (str, "prune the blocks' linear weights to exact zeros, from the fp32 weights, before they are "
                       "fused or quantized: none; magnitude:S or wanda:S (S in [0, 1) of every layer, Wanda "
                       "calibrated on a training play); magnitude-global:S (one threshold over all layers); "
                       "2:4 (two of every four inputs kept, by Wanda score) or 2:4-magnitude"),
 }
 MAX_STEPS_PER_GRAPH = 64
+INT_RANGES = {"steps_per_graph": (1, MAX_STEPS_PER_GRAPH), "tp": (1, 64)}
 
 
 def _describe(name: str) -> str:
@@ -63,7 +66,7 @@ def _describe(name: str) -> str:
     if allowed is bool:
         return "True or False"
     if allowed is int:
-        return f"an integer from 1 to {MAX_STEPS_PER_GRAPH}"
+        return "an integer from {} to {}".format(*INT_RANGES[name])
     if allowed is str:
         return "a text such as " + ", ".join(SPARSITY_EXAMPLES)
     return "one of: " + ", ".join(map(str, allowed))
@@ -74,7 +77,8 @@ def _valid(name: str, value) -> bool:
     if allowed is bool:
         return type(value) is bool                       # "no", 0 and None are not booleans
     if allowed is int:
-        return type(value) is int and 1 <= value <= MAX_STEPS_PER_GRAPH
+        low, high = INT_RANGES[name]
+        return type(value) is int and low <= value <= high
     if allowed is str:
         return type(value) is str                        # its own parser says what is wrong inside it
     return type(value) in (str, int) and value in allowed and type(value) is type(allowed[0])
@@ -95,6 +99,7 @@ class EngineOptions:
     compile: str = "none"
     cuda_graphs: bool = False
     steps_per_graph: int = 1
+    tp: int = 1
     sparsity: str = "none"
 
     def __post_init__(self):
@@ -123,6 +128,12 @@ class EngineOptions:
         if self.steps_per_graph > 1 and not self.graph_ready:
             raise LlmlabError("steps_per_graph > 1 runs several decode steps per compiled call or graph: "
                               "turn on compile or cuda_graphs as well (or kernels='fused-decode')")
+        if self.tp > 1 and self.head != "float":
+            raise LlmlabError("tp > 1 splits the LM head's rows over the ranks; an int8 head copy is not split: "
+                              "use head='float' with tp")
+        if self.tp > 1 and self.kv_cache == "paged":
+            raise LlmlabError("tp > 1 shards the static KV cache by heads; use kv_cache='static' (or kv-int8, "
+                              "kv-bf16, kv-fp16) with tp")
         parse_sparsity(self.sparsity)
         if self.sparsity != "none" and self.weights == "int4":
             raise LlmlabError("sparsity with weights='int4' would not stay sparse: int4 is asymmetric (each "

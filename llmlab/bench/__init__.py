@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+from .. import parallel
 from ..errors import LlmlabError
 from ..launches import launches_per_step
 from ..llm import bundled_model_path, load, parse_device
 from ..options import EngineOptions
 from ..roofline import measure_peaks, roofline_report
+from .collectives import tensor_parallel_report
 from .compile_time import compile_seconds, inductor_cache
 from .engines import (HFEngine, LlamaCppEngine, LlmlabEngine, bench_prompt, load_hf_model, load_hf_tokenizer,
                       require_transformers, weight_bytes_per_token)
@@ -60,6 +62,9 @@ def check_engines(engines: list[EngineOptions]) -> list[str]:
     if not engines or not all(isinstance(o, EngineOptions) for o in engines):
         raise LlmlabError("engines must be a non-empty list of llmlab.options.EngineOptions")
     names = [o.name() for o in engines]
+    if len({o.tp for o in engines}) > 1:
+        raise LlmlabError("every engine of one bench runs on the same processes: give them all the same tp "
+                          "(run the bench once per tp, e.g. with --tp 2 for all)")
     for name in names:
         if names.count(name) > 1:
             raise LlmlabError(f"two engines are both {name}: each engine must differ from the others in at "
@@ -85,7 +90,7 @@ def run(model: str | os.PathLike | None = None, *, engines: list[EngineOptions] 
     if compare == "gpt-fast":
         check_gpt_fast(gpt_fast_dir, dev)
     if threads is None and dev.type == "cpu":
-        threads = 2
+        threads = max(1, 2 // engines[0].tp)     # two cores in all: under tp, shared by its processes
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise LlmlabError(f"threads (--threads) must be an integer >= 1, got {threads!r}")
     if compare == "hf" or tokenizer:
@@ -120,7 +125,7 @@ def _run(source: str, engines: list[EngineOptions], dev: torch.device, compare: 
     for options in engines:
         progress(f"loading {source} on {dev} as {options.name()}")
         start = time.perf_counter()
-        timed.append(LlmlabEngine(load(source, device=str(dev), **dataclasses.asdict(options))))
+        timed.append(LlmlabEngine(load(source, device=str(dev), **dataclasses.asdict(options)), settings.batch))
         load_seconds[options.name()] = time.perf_counter() - start
     baseline = timed[0].llm
     steps = max(o.steps_per_graph for o in engines)
@@ -128,7 +133,7 @@ def _run(source: str, engines: list[EngineOptions], dev: torch.device, compare: 
         BenchSettings(prompt_tokens, settings.new_tokens).check(baseline.config, steps)
     ids, prompt = bench_prompt(baseline, settings.prompt_tokens)
     longest = max((settings.prompt_tokens, *contexts)) + settings.new_tokens
-    peers = _load_peer(compare, source, baseline, dev, longest, gpt_fast_dir, load_seconds, progress)
+    peers = _load_peer(compare, source, baseline, dev, longest, gpt_fast_dir, load_seconds, progress, settings.batch)
 
     compiled = {}
     for i, engine in enumerate(timed):
@@ -147,7 +152,7 @@ def _run(source: str, engines: list[EngineOptions], dev: torch.device, compare: 
         "model": source,
         "engines": {e.name: e.options.as_dict() for e in timed},
         "dtype": baseline.options.model_dtype,       # the baseline's, and the HF peer's
-        "batch": 1,
+        "batch": settings.batch,
         "settings": settings.__dict__,
         "method": method_text(settings, engines, [p.name for p in peers], dev, prompt),
         "load_seconds": load_seconds,   # file to a ready model, before any run
@@ -173,6 +178,9 @@ def _run(source: str, engines: list[EngineOptions], dev: torch.device, compare: 
     if compare == "gpt-fast":
         report["gpt_fast"] = {"dir": str(Path(gpt_fast_dir).resolve()), "commit": peers[0].commit(),
                               "first_call_seconds": peers[0].first_call_seconds}
+    if parallel.tensor_parallel_of(baseline.model) is not None:
+        progress("profiling the collectives of each engine's decode step")
+        report["tensor_parallel"] = tensor_parallel_report(timed, peers, ids, 32, dev)
     if contexts:
         report["decode_by_context"] = measure_contexts(everyone, baseline, contexts, settings, progress)
     if roofline:
@@ -189,9 +197,11 @@ def _run(source: str, engines: list[EngineOptions], dev: torch.device, compare: 
     return report
 
 
-def _load_peer(compare, source, baseline, dev, longest, gpt_fast_dir, load_seconds, progress) -> list:
+def _load_peer(compare, source, baseline, dev, longest, gpt_fast_dir, load_seconds, progress, batch: int) -> list:
     if compare is None:
         return []
+    if batch > 1 and compare != "gpt-fast":
+        raise LlmlabError(f"--batch {batch}: of the peers, only gpt-fast is run at a batch above 1")
     progress(f"loading {source} on {dev} ({compare})")
     start = time.perf_counter()
     if compare == "llamacpp":
@@ -199,7 +209,9 @@ def _load_peer(compare, source, baseline, dev, longest, gpt_fast_dir, load_secon
     elif compare == "hf":
         peer = HFEngine(load_hf_model(source, baseline.config, baseline.dtype, dev), dev)
     else:
-        peer = GptFastEngine(gpt_fast_dir, baseline.config, dev, longest)
+        shard = parallel.tensor_parallel_of(baseline.model)
+        peer = GptFastEngine(gpt_fast_dir, baseline.config if shard is None else baseline.model.config_before_sharding,
+                             baseline.device, longest, batch=batch, world=1 if shard is None else shard.world)
     load_seconds[peer.name] = time.perf_counter() - start
     return [peer]
 

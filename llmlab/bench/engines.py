@@ -65,11 +65,15 @@ def weight_bytes_per_token(model: nn.Module, embedding: nn.Embedding, buffers: b
 
 class LlmlabEngine:
     """llmlab as `llm` was loaded, named by its switches (`EngineOptions.name()`). Eager options decode
-    with the plain loop; graph-ready ones (compile, cuda_graphs) with the fixed-shape Decoder."""
+    with the plain loop; graph-ready ones (compile, cuda_graphs) with the fixed-shape Decoder, which
+    also runs `batch` copies of the prompt side by side (the tokens made count every row)."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, batch: int = 1):
         self.llm, self.model, self.device, self.dtype = llm, llm.model, llm.device, llm.dtype
-        self.options = llm.options
+        self.options, self.batch = llm.options, batch
+        if batch > 1 and not self.options.graph_ready:
+            raise LlmlabError(f"batch {batch}: the bench decodes a batch on the fixed-shape step only; add "
+                              f"cuda_graphs=true, compile=... or kernels=fused-decode to {self.options.name()}")
         self.name = self.options.name()
         self.inductor_cache = None       # a folder for this engine's compiles (set by the bench), or None
 
@@ -79,8 +83,8 @@ class LlmlabEngine:
 
     @torch.inference_mode()
     def prefill_seconds(self, ids: list[int]) -> float:
-        cache = make_cache(self.options.kv_cache, self.model.config, len(ids), self.dtype, self.device)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        cache = make_cache(self.options.kv_cache, self.model.config, len(ids), self.dtype, self.device, batch=self.batch)
+        tokens = torch.tensor([ids] * self.batch, dtype=torch.long, device=self.device)
         sync(self.device)
         start = time.perf_counter()
         prefill(self.model, tokens, cache)
@@ -111,7 +115,7 @@ class LlmlabEngine:
         next_tokens() calls of steps_per_graph tokens each, with no host sync until the one at the end.
         The first call of a decoder compiles (and captures): it is made before the clock starts."""
         decoder = self.decoder(len(ids) + self.tokens_made(n))
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        prompt = torch.tensor([ids] * self.batch, dtype=torch.long, device=self.device)
         decoder.start(prompt, seed=0)
         sync(self.device)
         start = time.perf_counter()
@@ -122,10 +126,10 @@ class LlmlabEngine:
 
     def decoder(self, n_tokens: int):
         """The LLM's decoder for n_tokens, compiled and captured (in this engine's inductor cache folder)."""
-        decoder = self.llm.decoder(GREEDY, n_tokens)
+        decoder = self.llm.decoder(GREEDY, n_tokens, batch=self.batch)
         if decoder.compile_seconds is None:
             with inductor_cache(self.inductor_cache):
-                decoder.start(torch.zeros(1, 1, dtype=torch.long, device=self.device), seed=0)
+                decoder.start(torch.zeros(self.batch, 1, dtype=torch.long, device=self.device), seed=0)
                 decoder.next_tokens()
         return decoder
 

@@ -5,7 +5,7 @@ gpt-fast is not part of llmlab and is never committed here. Export its files int
 folder peers/gpt-fast, from a clone (or a bare mirror) of the repository:
 
     mkdir -p peers/gpt-fast
-    git -C <gpt-fast clone> archive HEAD model.py generate.py tokenizer.py | tar -x -C peers/gpt-fast
+    git -C <gpt-fast clone> archive HEAD model.py generate.py tokenizer.py tp.py quantize.py | tar -x -C peers/gpt-fast
     git -C <gpt-fast clone> rev-parse HEAD > peers/gpt-fast/COMMIT
 
 then `llmlab bench --device cuda --compare gpt-fast` (or `--gpt-fast-dir DIR` for another folder).
@@ -33,7 +33,7 @@ from ..errors import LlmlabError
 from .engines import sync, weight_bytes_per_token
 
 DEFAULT_DIR = "peers/gpt-fast"
-EXPORT = ("mkdir -p peers/gpt-fast && git -C <gpt-fast clone> archive HEAD model.py generate.py tokenizer.py "
+EXPORT = ("mkdir -p peers/gpt-fast && git -C <gpt-fast clone> archive HEAD model.py generate.py tokenizer.py tp.py quantize.py "
           "| tar -x -C peers/gpt-fast")
 # gpt-fast's lightest sampling (its decode_one_token's defaults: temperature 1, no top-k): softmax, an
 # exponential draw and an argmax on the GPU. llmlab's engines decode greedily (one argmax), so the peer
@@ -45,6 +45,7 @@ SAMPLING = {"temperature": 1.0, "top_k": None}
 INDUCTOR_FLAGS = {"coordinate_descent_tuning": True, "triton.unique_kernel_names": True, "fx_graph_cache": True}
 FUNCTORCH_FLAGS = {"enable_autograd_cache": True}
 GPT_FAST_MODULES = ("model", "generate", "tokenizer")     # its files import each other by these top-level names
+TP_MODULES = ("tp", "quantize")                           # its tensor parallelism (tp.py imports quantize.py)
 
 
 def model_args(config: ModelConfig) -> dict:
@@ -87,7 +88,7 @@ def import_gpt_fast(folder: str | Path) -> tuple:
     # a patch to the values they have now puts them back on leaving, whatever generate.py sets
     inductor_now = {name: torch._inductor.config.get_config_copy()[name] for name in INDUCTOR_FLAGS}
     functorch_now = {name: getattr(torch._functorch.config, name) for name in FUNCTORCH_FLAGS}
-    for name in GPT_FAST_MODULES:        # a module of the same name imported before is not gpt-fast's
+    for name in GPT_FAST_MODULES + TP_MODULES:     # a module of the same name imported before is not gpt-fast's
         sys.modules.pop(name, None)
     saved_path = list(sys.path)          # generate.py appends a folder of its own to sys.path
     sys.path.insert(0, str(folder))
@@ -105,12 +106,16 @@ def import_gpt_fast(folder: str | Path) -> tuple:
 
 
 class GptFastEngine:
-    """gpt-fast's Transformer of the config's shape, random bf16 weights, decoded by its generate.py."""
+    """gpt-fast's Transformer of the config's shape, random bf16 weights, decoded by its generate.py;
+    `batch` copies of the prompt side by side, as its --batch_size does. Started by torchrun with more
+    than one process, it splits the model with its own tp.py (apply_tp), as its main() does."""
 
     name = "gpt-fast"
 
-    def __init__(self, folder: str | Path, config: ModelConfig, device: torch.device, max_seq_len: int, seed: int = 0):
+    def __init__(self, folder: str | Path, config: ModelConfig, device: torch.device, max_seq_len: int, seed: int = 0,
+                 batch: int = 1, world: int = 1):
         check_gpt_fast(folder, device)
+        self.batch = batch
         self.folder = Path(folder)
         model_module, self.generate = import_gpt_fast(folder)
         self.device = device
@@ -121,8 +126,13 @@ class GptFastEngine:
         with torch.no_grad():
             for name, p in self.model.named_parameters():     # llmlab's random weights: N(0, 0.02), unit norms
                 p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=generator)
+        if world > 1:
+            if not (Path(folder) / "tp.py").is_file():
+                raise LlmlabError(f"gpt-fast's tensor parallelism is its tp.py (and quantize.py): export them too, "
+                                  f"with:  {EXPORT}")
+            importlib.import_module("tp").apply_tp(self.model)    # after its main()'s _load_model(use_tp=True)
         with torch.device(device):
-            self.model.setup_caches(max_batch_size=1, max_seq_length=max_seq_len)
+            self.model.setup_caches(max_batch_size=batch, max_seq_length=max_seq_len)
         # as gpt-fast's main() does: `global decode_one_token; decode_one_token = torch.compile(...)`
         self.generate.decode_one_token = torch.compile(self.generate.decode_one_token, mode="reduce-overhead",
                                                        fullgraph=True)
@@ -139,7 +149,8 @@ class GptFastEngine:
         """gpt-fast's generate(), up to its decode loop: the first token and the position tensor after it."""
         prompt = torch.tensor(ids, dtype=torch.int, device=self.device)    # as its encode_tokens makes it
         input_pos = torch.arange(0, len(ids), device=self.device)
-        token = self.generate.prefill(self.model, prompt.view(1, -1), input_pos, **SAMPLING).clone()
+        token = self.generate.prefill(self.model, prompt.view(1, -1).repeat(self.batch, 1), input_pos,
+                                      **SAMPLING).clone()
         return token, torch.tensor([len(ids)], device=self.device, dtype=torch.int)
 
     @torch.no_grad()
@@ -148,7 +159,7 @@ class GptFastEngine:
         input_pos = torch.arange(0, len(ids), device=self.device)
         sync(self.device)
         start = time.perf_counter()
-        self.generate.prefill(self.model, prompt.view(1, -1), input_pos, **SAMPLING)
+        self.generate.prefill(self.model, prompt.view(1, -1).repeat(self.batch, 1), input_pos, **SAMPLING)
         sync(self.device)
         return time.perf_counter() - start
 
@@ -158,15 +169,27 @@ class GptFastEngine:
             if self.first_call_seconds is None:     # compile, warm up and record the CUDA graph, untimed
                 token, input_pos = self._prefill(ids)
                 start = time.perf_counter()
-                self.generate.decode_n_tokens(self.model, token.view(1, -1), input_pos, max(n, 4), **SAMPLING)
+                self.generate.decode_n_tokens(self.model, token.view(self.batch, -1), input_pos, max(n, 4), **SAMPLING)
                 sync(self.device)
                 self.first_call_seconds = time.perf_counter() - start
             token, input_pos = self._prefill(ids)
             sync(self.device)
             start = time.perf_counter()
-            self.generate.decode_n_tokens(self.model, token.view(1, -1), input_pos, n, **SAMPLING)
+            self.generate.decode_n_tokens(self.model, token.view(self.batch, -1), input_pos, n, **SAMPLING)
             sync(self.device)
             return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode_stepper(self, ids: list[int], n: int):
+        """A function that makes n decode steps after a prefill made now: what the profiler watches."""
+        with gpt_fast_flags():
+            token, input_pos = self._prefill(ids)
+
+        @torch.no_grad()
+        def run():
+            with gpt_fast_flags():
+                self.generate.decode_n_tokens(self.model, token.view(self.batch, -1), input_pos, n, **SAMPLING)
+        return run
 
     def weight_bytes_per_token(self) -> int:
         return weight_bytes_per_token(self.model, self.model.tok_embeddings, buffers=False)

@@ -18,9 +18,10 @@ class BenchSettings:
     new_tokens: int = 128
     runs: int = 5
     warmup: int = 1
+    batch: int = 1          # copies of the prompt decoded side by side; tokens/s counts every row
 
     def __post_init__(self):
-        for name, low in (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0)):
+        for name, low in (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0), ("batch", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 flag = "--" + name.replace("_", "-")
@@ -57,10 +58,10 @@ def measure(engines: list, ids: list[int], settings: BenchSettings, progress=Non
                       lambda e: (e.prefill_seconds(ids), e.decode_seconds(ids, settings.new_tokens)), progress)
     results = {}
     for engine in engines:
-        timed, made = runs[engine.name], engine.tokens_made(settings.new_tokens)
+        timed, made = runs[engine.name], engine.tokens_made(settings.new_tokens) * settings.batch
         r = results[engine.name] = {"prefill_s": [p for p, _ in timed], "decode_s": [d for _, d in timed],
                                     "decode_tokens": made}
-        r["prefill_tok_s"] = [settings.prompt_tokens / s for s in r["prefill_s"]]
+        r["prefill_tok_s"] = [settings.prompt_tokens * settings.batch / s for s in r["prefill_s"]]
         r["decode_tok_s"] = [made / s for s in r["decode_s"]]
         r["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"])
         r["decode_tok_s_median"] = statistics.median(r["decode_tok_s"])

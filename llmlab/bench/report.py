@@ -72,7 +72,10 @@ def method_text(settings: BenchSettings, engines: list[EngineOptions], peers: li
         f"decoder's first call (compile, capture) is made before any clock starts. "
         f"{s.warmup} untimed warm-up round(s), then {s.runs} timed runs; every engine takes its turn in each "
         f"round, prefill then decode; reported: the median tok/s; ratios are of medians, measured in the same "
-        f"rounds. Timer: {timer}. Batch 1. The first engine is the baseline (ratio_over_baseline). "
+        f"rounds. Timer: {timer}. "
+        + (f"Batch 1. " if s.batch == 1 else f"Batch {s.batch}: the same prompt in every row, prefill and decode; "
+           f"tok/s counts the tokens of every row. ")
+        + f"The first engine is the baseline (ratio_over_baseline). "
         f"Decode after other context lengths (decode_by_context), when asked: the same rounds and turns. "
         f"weight_bytes_per_token: bytes of every weight as stored (a quantized layer's codes and scales), each "
         f"storage once, with one row of the embedding table; decode_bandwidth_fraction (with --roofline): "
@@ -122,7 +125,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"model   {report['model']}",
-        f"device  {report['device']}, {report['threads']} threads, batch 1",
+        f"device  {report['device']}, {report['threads']} threads, batch {report['batch']}"
+        + (f", tensor parallel over {report['tensor_parallel']['world']} processes" if "tensor_parallel" in report else ""),
         f"runs    median of {s['runs']} after {s['warmup']} warm-up",
         "loaded  " + ", ".join(f"{name} in {sec:.1f} s" for name, sec in report["load_seconds"].items()),
     ]
