@@ -65,13 +65,13 @@ def test_head_ranges_keep_each_query_head_with_its_kv_head(heads, kv_heads, worl
     assert seen == list(range(heads))
 
 
-@pytest.mark.bad_input("tp=3 of 9 query heads over 2 KV heads", "LlmlabError: the split that would break grouped-query attention, and which tp to choose")
+@pytest.mark.bad_input(kind="tp=3 of 9 query heads over 2 KV heads", gets="LlmlabError: the split that would break grouped-query attention, and which tp to choose")
 def test_a_split_that_breaks_gqa_is_refused():
     with pytest.raises(LlmlabError, match="choose tp"):
         parallel.head_ranges(12, 4, 8, 0)
 
 
-@pytest.mark.bad_input("load(tp=2) in one process, without torchrun", "LlmlabError: start one process per device with torchrun or llmlab generate --tp")
+@pytest.mark.bad_input(kind="load(tp=2) in one process, without torchrun", gets="LlmlabError: start one process per device with torchrun or llmlab generate --tp")
 def test_tp_in_a_single_process_says_how_to_start_it(monkeypatch):
     for name in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -79,7 +79,7 @@ def test_tp_in_a_single_process_says_how_to_start_it(monkeypatch):
         llmlab.load(tp=2)
 
 
-@pytest.mark.bad_input("tp with an int8 LM head, or a paged cache", "LlmlabError naming the combination and what works")
+@pytest.mark.bad_input(kind="tp with an int8 LM head, or a paged cache", gets="LlmlabError naming the combination and what works")
 def test_switches_tp_does_not_combine_with_are_refused():
     with pytest.raises(LlmlabError, match="head='float'"):
         EngineOptions(tp=2, head="int8")
@@ -165,7 +165,7 @@ def test_fused_decode_under_tp_matches_the_single_process_forward(tmp_path):
     assert out[0]["kv_heads"] == [1, 1] and out[1]["kv_heads"] == [1, 1]      # TINY's 2 KV heads, one per rank
 
 
-@pytest.mark.bad_input("a rank that fails in a tensor-parallel run", "the whole run stops at once with that rank's error (torchrun stops the others), no hang")
+@pytest.mark.bad_input(kind="a rank that fails in a tensor-parallel run", gets="the whole run stops at once with that rank's error (torchrun stops the others), no hang")
 def test_a_failing_rank_fails_the_whole_run_fast(tmp_path):
     start = time.perf_counter()
     run = torchrun("fail", str(tmp_path), timeout=300, env={parallel.TIMEOUT_ENV: "120"})
@@ -174,7 +174,7 @@ def test_a_failing_rank_fails_the_whole_run_fast(tmp_path):
     assert time.perf_counter() - start < 100          # well before the collective timeout would fire
 
 
-@pytest.mark.bad_input("a rank that stalls in a tensor-parallel run", "the waiting rank's collective times out after LLMLAB_TP_TIMEOUT seconds and the run fails, no hang")
+@pytest.mark.bad_input(kind="a rank that stalls in a tensor-parallel run", gets="the waiting rank's collective times out after LLMLAB_TP_TIMEOUT seconds and the run fails, no hang")
 def test_a_stalled_rank_times_out(tmp_path):
     start = time.perf_counter()
     run = torchrun("stall", str(tmp_path), timeout=300, env={parallel.TIMEOUT_ENV: "10"})
