@@ -479,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             return launch_ranks(tp, argv)
         if os.environ.get("RANK", "0") != "0":
             sys.stdout = open(os.devnull, "w")
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            if tp > 1:
+                from .parallel import leave
+                leave()
     except LlmlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

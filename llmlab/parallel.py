@@ -47,6 +47,8 @@ from torch.distributed import _functional_collectives as funcol
 from .errors import LlmlabError
 from .model import Transformer
 
+# all_gather_single is all_gather_tensor's new name (PyTorch 2.13 deprecates the old one; 2.11 has only it)
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 TIMEOUT_ENV = "LLMLAB_TP_TIMEOUT"
 TIMEOUT_SECONDS = 120      # a collective waiting longer means another rank failed or stalled
 LAUNCH_HINT = "start one process per device with  torchrun --nproc-per-node {n} ...  (or  llmlab generate --tp {n} ...)"
@@ -74,7 +76,10 @@ class Shard:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x side by side along the last dimension, in rank order."""
         count("all_gather", x)
-        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, self.group))
+        # gathered along the first dimension, then laid side by side: PyTorch 2.11's compiler cannot trace
+        # a gather along another dimension
+        stacked = funcol.wait_tensor(_all_gather(x.contiguous(), 0, self.group))
+        return torch.cat(stacked.chunk(self.world), dim=-1)
 
 
 def timeout_seconds() -> float:
@@ -110,6 +115,13 @@ def join(world: int, device: torch.device) -> tuple[Shard, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()))
     return Shard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
+
+
+def leave() -> None:
+    """Leave the process group, so that NCCL's communicators close before the process exits (without it,
+    a process that captured collectives in CUDA graphs was seen to hang at exit on two H200s)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def split(n: int, world: int, rank: int) -> range:
