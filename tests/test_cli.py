@@ -100,6 +100,7 @@ BAD_INPUTS = [
     (["bench", "--engine", "cuda_graphs=maybe"], "cuda_graphs takes true or false"),
     (["bench", "--weights", "fp32,int3"], "invalid choice 'int3'"),
     (["generate", "hi", "--sparsity", "wanda-global:0.5"], "is not offered"),
+    (["generate", "hi", "--speculative", "prompt-lookup:0"], "K must be an integer from 1 to 16"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["generate", "hi", "--device", "cuda"], "no CUDA GPU"))

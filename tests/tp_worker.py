@@ -28,10 +28,12 @@ def real(out: dict) -> None:
     out["logits"] = llm.logits(ids)
     out["tokens"] = list(llm.generate_ids(ids, NEW_TOKENS))
     out["text"] = llm.generate(PROMPT, NEW_TOKENS)
+    out["sampled"] = list(llm.generate_ids(ids, NEW_TOKENS, temperature=0.9, top_p=0.95, seed=7))
     out["compiled"] = list(llmlab.load(tp=2, compile="default", steps_per_graph=4).generate_ids(ids, NEW_TOKENS))
     int8 = llmlab.load(tp=2, weights="int8", dtype="fp32")
     out["int8_logits"] = int8.logits(ids)
     out["int8_tokens"] = list(int8.generate_ids(ids, NEW_TOKENS))
+    out["int4_logits"] = llmlab.load(tp=2, weights="int4").logits(ids)
 
 
 @torch.inference_mode()
