@@ -18,9 +18,10 @@ from .generate import generate_tokens, stream_text
 from .kv_cache import KV_CACHES
 from .memory import check_fits
 from .model import Transformer
-from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity
+from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity, parse_speculative
 from .quant import quantize_head, quantize_model
 from .sampling import SamplingParams
+from .speculative import SpeculativeStats, speculative_tokens
 from .step import Decoder, bucket
 from .tokenizer import Tokenizer, TooManyTokens
 
@@ -78,6 +79,8 @@ class LLM:
         self.model, self.tokenizer, self.source, self.options = model, tokenizer, source, options
         self.config: ModelConfig = model.config
         self._decoders: dict[tuple, Decoder] = {}
+        self._draft: tuple[str, Transformer] | None = None   # speculative's draft (source, model), loaded once
+        self.speculative_stats = SpeculativeStats()   # the last speculative generation's counts
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +145,8 @@ class LLM:
                      stop_ids=None, kv_cache: str | None = None, **sampling) -> Iterator[int]:
         """Yield new token ids. `sampling`: temperature, top_k, top_p, min_p, repetition_penalty, seed.
         kv_cache: the layout for this call (default: the one load() was given); use_cache=False
-        recomputes every step. With compile or cuda_graphs on, the fixed-shape step runs."""
+        recomputes every step. With compile or cuda_graphs on, the fixed-shape step runs; with speculative
+        on, llmlab.speculative's loop, whose counts land in `speculative_stats`."""
         kv_cache = self.options.kv_cache if kv_cache is None else kv_cache
         if kv_cache not in KV_CACHES:
             raise LlmlabError(f"unknown KV cache {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
@@ -159,8 +163,26 @@ class LLM:
                 raise LlmlabError(f"this model was loaded with compile/cuda_graphs for kv_cache={self.options.kv_cache!r}; "
                                   f"load it again with kv_cache={kv_cache!r} to use that cache")
             decoder = self.decoder(params, len(ids) + max_new_tokens)
+        speculative = parse_speculative(self.options.speculative)
+        if speculative is not None and use_cache:
+            if kv_cache != "static":
+                raise LlmlabError(f"speculative decoding rolls back a static KV cache; kv_cache={kv_cache!r} is not "
+                                  f"one: leave kv_cache out (or give 'static'), or load without speculative")
+            draft, k = speculative
+            self.speculative_stats = SpeculativeStats()
+            return speculative_tokens(self.model, ids, max_new_tokens, k, params, stop_ids,
+                                      draft=self.draft_model(draft), stats=self.speculative_stats)
         return generate_tokens(self.model, ids, max_new_tokens, params, stop_ids, use_cache=use_cache,
                                kv_cache=kv_cache, decoder=decoder)
+
+    def draft_model(self, source: str) -> Transformer | None:
+        """The speculative switch's draft: None for prompt lookup, else the model load(source) reads, on
+        this model's device in its dtype, loaded once."""
+        if source == "prompt-lookup":
+            return None
+        if self._draft is None or self._draft[0] != source:
+            self._draft = source, load(source, device=str(self.device), dtype=self.options.model_dtype).model
+        return self._draft[1]
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Yield the continuation of `prompt` as text pieces, as the tokens come. Control tokens

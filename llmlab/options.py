@@ -23,9 +23,12 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)   # what PyTorch's CPU int4 kernel accepts
 SPARSITY_SCORES = ("magnitude", "wanda")
 SPARSITY_PATTERNS = {"2:4": "wanda", "2:4-magnitude": "magnitude"}     # pattern -> the score it keeps by
 SPARSITY_EXAMPLES = ("none", "magnitude:0.5", "magnitude-global:0.5", "wanda:0.5", "2:4", "2:4-magnitude")
+# speculative= values: "none", prompt-lookup:K, or draft:SOURCE:K (SOURCE: anything load() reads); K tokens per guess
+MAX_DRAFT_TOKENS = 16
+SPECULATIVE_EXAMPLES = ("none", "prompt-lookup:4", "draft:student:half-depth:4")
 
 # name -> (allowed values, or a type for free values: bool, int, or str for a text that its own parser
-# checks (sparsity: parse_sparsity); what the switch does)
+# checks (sparsity: parse_sparsity, speculative: parse_speculative); what the switch does)
 SWITCHES = {
     "dtype": (FLOAT_WEIGHTS, "the dtype the model computes in (fp32 unless weights= says otherwise; "
                              "bf16 under quantized weights)"),
@@ -56,6 +59,10 @@ SWITCHES = {
                       "fused or quantized: none; magnitude:S or wanda:S (S in [0, 1) of every layer, Wanda "
                       "calibrated on a training play); magnitude-global:S (one threshold over all layers); "
                       "2:4 (two of every four inputs kept, by Wanda score) or 2:4-magnitude"),
+    "speculative": (str, "speculative decoding (llmlab.speculative), eager and batch 1: none; prompt-lookup:K (guess "
+                         "K tokens by copying what followed the last n-gram earlier in the text) or draft:SOURCE:K "
+                         f"(a smaller model load() reads, e.g. student:NAME, guesses K), K from 1 to {MAX_DRAFT_TOKENS}; "
+                         "the model checks all K in one forward pass"),
 }
 MAX_STEPS_PER_GRAPH = 64
 INT_RANGES = {"steps_per_graph": (1, MAX_STEPS_PER_GRAPH), "tp": (1, 64)}
@@ -68,7 +75,7 @@ def _describe(name: str) -> str:
     if allowed is int:
         return "an integer from {} to {}".format(*INT_RANGES[name])
     if allowed is str:
-        return "a text such as " + ", ".join(SPARSITY_EXAMPLES)
+        return "a text such as " + ", ".join({"sparsity": SPARSITY_EXAMPLES, "speculative": SPECULATIVE_EXAMPLES}[name])
     return "one of: " + ", ".join(map(str, allowed))
 
 
@@ -101,6 +108,7 @@ class EngineOptions:
     steps_per_graph: int = 1
     tp: int = 1
     sparsity: str = "none"
+    speculative: str = "none"
 
     def __post_init__(self):
         for f in fields(self):
@@ -139,6 +147,8 @@ class EngineOptions:
             raise LlmlabError("sparsity with weights='int4' would not stay sparse: int4 is asymmetric (each "
                               "group's grid starts at its minimum), so a pruned zero comes back as a small "
                               "non-zero; use weights='int8' or 'fp8' (symmetric: zero stays exact) or a float")
+        if parse_speculative(self.speculative) is not None:
+            self._check_speculative()
 
     def _check_fused_decode(self) -> None:
         if self.weights in QUANTIZED_WEIGHTS or not self.fused:
@@ -152,6 +162,19 @@ class EngineOptions:
         if self.compile != "none":
             raise LlmlabError("kernels='fused-decode' is already hand-fused Triton: torch.compile has nothing "
                               "left to fuse; use cuda_graphs=True to remove the launch overhead instead")
+
+    def _check_speculative(self) -> None:
+        # the verification pass rolls the cache back by writing over rejected positions from a smaller
+        # Python-int start_pos: the eager path of one contiguous buffer
+        if self.graph_ready:
+            raise LlmlabError("speculative decoding runs the eager loop (its verification pass is k+1 tokens "
+                              "wide and its length changes every step): turn off compile, cuda_graphs and "
+                              "kernels='fused-decode' to use it")
+        if self.tp > 1:
+            raise LlmlabError("speculative decoding runs on one device: use tp=1 with it")
+        if self.kv_cache != "static":
+            raise LlmlabError(f"speculative decoding rolls its KV cache back by overwriting rejected positions in "
+                              f"one contiguous buffer: use kv_cache='static' with it, not {self.kv_cache!r}")
 
     @property
     def graph_ready(self) -> bool:
@@ -211,6 +234,21 @@ def parse_sparsity(spec: str) -> tuple[str, float, str] | None:
         raise LlmlabError(f"sparsity={spec!r}: {fraction!r} is not a number; give a fraction such as 0.5") from None
     check_sparsity(value)
     return score, value, scope
+
+
+def parse_speculative(spec: str) -> tuple[str, int] | None:
+    """The speculative switch as (draft, K), or None for "none": draft is "prompt-lookup" or a model's
+    source for load(). "prompt-lookup:4" -> ("prompt-lookup", 4); "draft:student:tiny:4" -> ("student:tiny", 4)."""
+    if spec == "none":
+        return None
+    head, colon, k = spec.rpartition(":")       # K comes last: a SOURCE may hold colons (student:NAME)
+    draft = "prompt-lookup" if head == "prompt-lookup" else head.removeprefix("draft:")
+    if not colon or not (head == "prompt-lookup" or head.startswith("draft:") and draft):
+        raise LlmlabError(f"speculative={spec!r}: write none, prompt-lookup:K or draft:SOURCE:K (SOURCE a model "
+                          f"load() reads, such as student:NAME), K the tokens guessed per step")
+    if not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_DRAFT_TOKENS:
+        raise LlmlabError(f"speculative={spec!r}: K must be an integer from 1 to {MAX_DRAFT_TOKENS}, not {k!r}")
+    return draft, int(k)
 
 
 def engine_options(**switches) -> EngineOptions:

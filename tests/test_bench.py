@@ -143,7 +143,7 @@ def test_cli_bench_writes_the_report(tmp_path):
         assert key in report
     assert report["threads"] == 1 and report["dtype"] == "bf16"
     assert {"python", "torch", "transformers", "llmlab", "numpy"} <= report["versions"].keys()
-    assert report["settings"] == {"prompt_tokens": 16, "new_tokens": 4, "runs": 2, "warmup": 0}
+    assert report["settings"] == {"prompt_tokens": 16, "new_tokens": 4, "runs": 2, "warmup": 0, "batch": 1}
     static, paged = "llmlab[dtype=bf16]", "llmlab[dtype=bf16,kv_cache=paged]"
     assert list(report["results"]) == [static, paged, "hf"]
     assert report["engines"][paged] == {**EngineOptions(dtype="bf16", kv_cache="paged").as_dict()}
@@ -289,3 +289,30 @@ def test_llamacpp_peer_runs_the_same_file_greedily(llm, gguf_path):
     # logits of size ~20; 8-bit activations move them by a few tenths, a wrong model by far more
     assert np.abs(engine.last_logits() - ours.numpy()).max() < 2.0
     assert engine.decode_seconds(ids, 5) > 0 and engine.model.n_tokens == len(ids) + 5
+
+
+def test_a_batch_is_timed_row_by_row_through_the_decoder(tiny_model):
+    """--batch 3: every row decodes the same prompt through one Decoder of batch 3, and tok/s counts
+    every row's tokens (3 rows x 4 tokens made)."""
+    settings = bench.BenchSettings(prompt_tokens=12, new_tokens=3, runs=1, warmup=0, batch=3)
+    name = "llmlab[compile=default,steps_per_graph=2]"
+    report = bench.run(tiny_model, engines=[EngineOptions(compile="default", steps_per_graph=2)], settings=settings,
+                       threads=1)
+    r = report["results"][name]
+    assert report["batch"] == 3 and r["decode_tokens"] == 12
+    assert r["decode_tok_s"] == pytest.approx([12 / s for s in r["decode_s"]])
+    llm = llmlab.load(tiny_model, compile="default", steps_per_graph=2)
+    engine = bench.LlmlabEngine(llm, batch=3)
+    ids = prompt_ids(llm.tokenizer, 12)
+    engine.decode_seconds(ids, 3)
+    out = engine.decoder(len(ids) + 4).out
+    assert out.shape == (3, 2) and (out == out[0]).all()          # the same prompt, greedy: the same tokens per row
+
+
+@pytest.mark.bad_input(kind="bench --batch above 1 for an eager engine or a CPU peer",
+                       gets="LlmlabError: which engines decode a batch, and the switches that make one graph-ready")
+def test_a_batch_needs_a_graph_ready_engine(llm):
+    with pytest.raises(LlmlabError, match="fixed-shape step"):
+        bench.LlmlabEngine(llm, batch=2)
+    with pytest.raises(LlmlabError, match="batch"):
+        bench.BenchSettings(batch=0)
