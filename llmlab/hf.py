@@ -34,14 +34,22 @@ _HF_LAYER_NAMES = {llmlab: hf for hf, llmlab in _LAYER_NAMES.items()}
 _HF_TOP_NAMES = {llmlab: hf for hf, llmlab in _TOP_NAMES.items()}
 
 
+def _renamed(name: str, top: dict, per_layer: dict, layers_from: str, layers_to: str) -> str | None:
+    """A weight's name in the other naming (top-level names and per-layer names each from their table,
+    the layer prefix swapped), or None where the name is not a plain Llama weight."""
+    if name in top:
+        return top[name]
+    if not name.startswith(layers_from):
+        return None
+    layer, _, kind = name.removeprefix(layers_from).partition(".")
+    return f"{layers_to}{layer}.{per_layer[kind]}" if kind in per_layer else None
+
+
 def hf_name_to_llmlab(name: str) -> str:
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    prefix, _, rest = name.partition(".layers.")
-    layer, _, kind = rest.partition(".")
-    if prefix != "model" or kind not in _LAYER_NAMES:
+    renamed = _renamed(name, _TOP_NAMES, _LAYER_NAMES, "model.layers.", "layers.")
+    if renamed is None:
         raise LlmlabError(f"unexpected weight {shown(name)}: not part of a plain Llama model")
-    return f"layers.{layer}.{_LAYER_NAMES[kind]}"
+    return renamed
 
 
 # dtypes a weight may have: an integer or boolean tensor cast to float would load and compute nonsense
@@ -216,14 +224,11 @@ def _is_smollm_pre_tokenizer(pre) -> bool:
 # --- saving ------------------------------------------------------------------------------------
 
 def llmlab_name_to_hf(name: str) -> str:
-    if name in _HF_TOP_NAMES:
-        return _HF_TOP_NAMES[name]
-    prefix, _, rest = name.partition(".")
-    layer, _, kind = rest.partition(".")
-    if prefix != "layers" or kind not in _HF_LAYER_NAMES:
+    renamed = _renamed(name, _HF_TOP_NAMES, _HF_LAYER_NAMES, "layers.", "model.layers.")
+    if renamed is None:
         raise LlmlabError(f"cannot save weight {name!r} under a Hugging Face name: save_folder writes plain "
                           f"float weights, so save a model before quantizing it")
-    return f"model.layers.{layer}.{_HF_LAYER_NAMES[kind]}"
+    return renamed
 
 
 def config_to_hf(config: ModelConfig, tokenizer: Tokenizer) -> dict:

@@ -31,9 +31,12 @@ def test_every_tensor_of_the_shipped_file_matches_gguf_quants(gguf_path):
     assert seen_types == {T.Q4_1, T.Q8_0, T.F32}
 
 
-def write_gguf(path, tensors: dict[str, tuple[np.ndarray, T]]):
-    """A small GGUF file holding the given float tensors, each quantized with the `gguf` library."""
+def write_gguf(path, tensors: dict[str, tuple[np.ndarray, T]], metadata: dict | None = None):
+    """A small GGUF file holding the given float tensors, each quantized with the `gguf` library, and
+    the metadata entries given as {key: (value, type[, element type])}."""
     writer = GGUFWriter(str(path), "llama")
+    for key, spec in (metadata or {}).items():
+        writer.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
     for name, (values, qtype) in tensors.items():
         if qtype in (T.F32, T.F16):
             writer.add_tensor(name, values.astype(np.float32 if qtype == T.F32 else np.float16))

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFValueType as V, GGUFWriter, quants
+from gguf import GGUFReader, GGUFValueType as V
+from test_gguf import write_gguf
 from safetensors.torch import load_file, save_file
 
 import llmlab
@@ -84,23 +85,8 @@ def write_tiny_gguf(path, metadata: dict | None = None, tensors: dict | None = N
     meta = tiny_metadata()
     for key, value in (metadata or {}).items():
         meta[key] = value if value is None or isinstance(value, tuple) else (value, *meta[key][1:])
-    writer = GGUFWriter(str(path), "llama")
-    for key, spec in meta.items():
-        if spec is not None:
-            writer.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
-    for name, spec in {**tiny_tensors(), **(tensors or {})}.items():
-        if spec is None:
-            continue
-        values, qtype = spec
-        if qtype in (Q.F32, Q.F16):
-            writer.add_tensor(name, values.astype(np.float32 if qtype == Q.F32 else np.float16))
-        else:
-            data = quants.quantize(values, qtype)
-            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, {name: spec for name, spec in {**tiny_tensors(), **(tensors or {})}.items() if spec is not None},
+               {key: spec for key, spec in meta.items() if spec is not None})
     return path
 
 
