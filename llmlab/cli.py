@@ -495,12 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch_ranks(tp, argv)
         if os.environ.get("RANK", "0") != "0":
             sys.stdout = open(os.devnull, "w")
-        try:
-            return args.func(args)
-        finally:
-            if tp > 1:
-                from .parallel import leave
-                leave()
+        return args.func(args)
     except LlmlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ starts it), which sets RANK, WORLD_SIZE and LOCAL_RANK and stops every process w
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -114,12 +115,14 @@ def join(world: int, device: torch.device) -> tuple[Shard, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()))
+        atexit.register(leave)
     return Shard(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
 
 
 def leave() -> None:
-    """Leave the process group, so that NCCL's communicators close before the process exits (without it,
-    a process that captured collectives in CUDA graphs was seen to hang at exit on two H200s)."""
+    """Leave the process group before the process exits (join registers it with atexit). Without it, gloo's
+    threads were seen to abort the process at exit ("terminate called without an active exception"), and
+    a process that captured NCCL collectives in CUDA graphs to hang at exit on two H200s."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
