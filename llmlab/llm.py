@@ -19,7 +19,7 @@ from .kv_cache import KV_CACHES
 from .memory import check_fits
 from .model import Transformer
 from .options import QUANTIZED_WEIGHTS, EngineOptions, engine_options, parse_sparsity, parse_speculative
-from .quant import quantize_head, quantize_model
+from .quant import quantize_head, quantize_model, use_int8_dot
 from .sampling import SamplingParams
 from .speculative import SpeculativeStats, speculative_tokens
 from .step import Decoder, bucket
@@ -257,7 +257,8 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`).
     attention: "sdpa", "naive" or "triton"; kernels: "torch" or "triton" for RMSNorm (residual add
     fused in), RoPE and SwiGLU, or "fused-decode" for the decode step as six hand-fused Triton kernels
-    per layer (llmlab.fused_decode; use it with cuda_graphs=True on a GPU). Without a GPU the Triton kernels run in Triton's CPU interpreter:
+    per layer (llmlab.fused_decode; use it with cuda_graphs=True on a GPU), or "int8-dot" for int4/int8
+    weights times int8-quantized activations in llmlab's C kernel (CPU; llmlab.quant.int8_dot). Without a GPU the Triton kernels run in Triton's CPU interpreter:
     correct, and very slow; for stepping through and testing, on tiny models.
     kv_cache: the cache layout generation uses. compile, cuda_graphs, steps_per_graph: run decoding
     through the fixed-shape step (llmlab.step), compiled by torch.compile and/or captured in CUDA graphs.
@@ -300,6 +301,8 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     else:
         llm.model.to(parse_dtype(model_dtype))
         llm.model.fuse_projections(options.fused)
+    if options.kernels == "int8-dot":
+        use_int8_dot(llm.model)
     llm.model.set_attention(options.attention)
     llm.model.set_kernels(options.kernels)
     llm.options = options

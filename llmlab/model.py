@@ -13,6 +13,14 @@ shapes grow with the sequence, or a (batch,) tensor of each sequence's next posi
 path that torch.compile and CUDA graphs need: RoPE angles are then looked up in one precomputed table,
 the cache is read whole, and attention masks what each sequence has not written.
 
+A third form serves many requests at once (llmlab.serve.batch): the new tokens of several sequences
+flattened into one row, `start_pos` a (1, seq) tensor of each token's own position, and as the cache
+a batch object that knows which sequence each token belongs to. The matmuls cannot tell the
+difference (they see a (1, seq, dim) row) and RoPE only reads the positions. The batch object writes
+each token's keys and values into its sequence's blocks (`update`, as every cache does) and attends
+each token to its own sequence only (`attend`, which no other cache has: Attention calls it in place
+of the backend). So the model knows nothing of sequences or blocks.
+
 Every stage is wrapped in a marker (`with stage("mlp"):`, llmlab.stages) that does nothing unless the
 profiler listens.
 """
@@ -32,7 +40,7 @@ from .kv_cache import KVCache
 from .stages import stage
 
 
-KERNELS = ("torch", "triton", "fused-decode")
+KERNELS = ("torch", "triton", "fused-decode", "int8-dot")
 
 
 def triton_kernel(name: str):
@@ -139,7 +147,10 @@ class Attention(nn.Module):
             with stage("kv_cache"):
                 k, v = cache.update(layer, start_pos, k, v)
         with stage("attention_core"):
-            out = ATTENTION[self.backend](q, k, v, mask)                  # (batch, heads, seq, head_dim)
+            if hasattr(cache, "attend"):       # a flattened batch: only it knows whose keys each token sees
+                out = cache.attend(q, k, v, self.backend)
+            else:
+                out = ATTENTION[self.backend](q, k, v, mask)              # (batch, heads, seq, head_dim)
         with stage("output_projection"):
             return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -233,12 +244,13 @@ class Transformer(nn.Module):
         """Switch RMSNorm (with the residual add fused in), RoPE and SwiGLU between PyTorch's operations
         ("torch") and llmlab's Triton kernels ("triton"). The matmuls stay PyTorch's (cuBLAS).
         "fused-decode" leaves this forward on PyTorch's operations: llmlab.fused_decode replaces the
-        decode step as a whole, and prefill runs here."""
+        decode step as a whole, and prefill runs here. So does "int8-dot", which changes the quantized
+        linears' matmuls only (llmlab.quant.int8_dot, switched on by llmlab.quant.use_int8_dot)."""
         if kernels not in KERNELS:
             raise LlmlabError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
-                module.kernels = "torch" if kernels == "fused-decode" else kernels
+                module.kernels = kernels if kernels in ("torch", "triton") else "torch"
 
     def fuse_projections(self, fused: bool = True) -> None:
         """Switch between three q/k/v matmuls and two gate/up matmuls per layer (the plain path) and one
@@ -260,10 +272,18 @@ class Transformer(nn.Module):
         """tokens (batch, seq) at positions start_pos.. -> logits (batch, seq, vocab).
 
         start_pos: a Python int, the same for every row (the eager path), or a (batch,) tensor of each
-        row's first position (the fixed-shape path: needs make_rope_table, reads the cache whole).
+        row's first position (the fixed-shape path: needs make_rope_table, reads the cache whole), or a
+        (1, seq) tensor of each token's own position, for several sequences flattened into one row
+        with a cache that attends (llmlab.serve.batch.PagedBatch).
         With last_only, only the last position goes through the LM head: during generation that is
-        the only one we sample from, and the head is the largest matmul in the model.
+        the only one we sample from, and the head is the largest matmul in the model. In a flattened
+        row that is the last token of each sequence, which the cache names: logits (1, sequences, vocab).
         """
+        flattened = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 2
+        if flattened and (tokens.shape[0] != 1 or not hasattr(cache, "attend")):
+            raise LlmlabError("per-token positions (a 2-D start_pos) are for sequences flattened into one row: "
+                              "give tokens of shape (1, seq) and a cache that attends them, "
+                              "llmlab.serve.batch.PagedBatch (or use forward_batch)")
         seq = tokens.shape[1]
         with stage("embedding"):
             x = self.embed(tokens)                                       # (batch, seq, dim)
@@ -271,6 +291,10 @@ class Transformer(nn.Module):
             if isinstance(start_pos, int):
                 positions = torch.arange(start_pos, start_pos + seq, device=tokens.device)
                 cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+                mask = None
+            elif flattened:
+                # the eager path's angles, at arbitrary positions: (seq, head_dim); the cache masks
+                cos, sin = rope_cos_sin(start_pos[0], self.config.head_dim, self.config.rope_theta, x.dtype)
                 mask = None
             else:
                 if self.rope_cos is None:
@@ -286,5 +310,5 @@ class Transformer(nn.Module):
             x = self.norm(x)
         with stage("lm_head"):
             if last_only:
-                x = x[:, -1:]
+                x = x[:, cache.last_tokens] if flattened else x[:, -1:]
             return self.head(x)

@@ -40,10 +40,13 @@ SWITCHES = {
     "fused": (bool, "one matmul for q/k/v and one for gate/up per layer, over stacked weights"),
     "attention": (("naive", "sdpa", "triton"), "attention backend: the maths written out, PyTorch's "
                                                "SDPA, or llmlab's Triton FlashAttention and decode kernels"),
-    "kernels": (("torch", "triton", "fused-decode"),
+    "kernels": (("torch", "triton", "fused-decode", "int8-dot"),
                 "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or llmlab's Triton kernels; or "
                 "fused-decode: the decode step as six Triton kernels per layer, each matrix-vector product with "
-                "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), prefill on PyTorch ops"),
+                "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), prefill on PyTorch ops; "
+                "or int8-dot (CPU, int4/int8 weights): the quantized matmuls of up to 16 tokens quantize their "
+                "inputs to int8 per block of 32 and multiply with integer dot products (llmlab's C kernel, "
+                "llmlab.quant.int8_dot, as llama.cpp's Q4_1 x Q8_1), the rest on PyTorch ops"),
     "kv_cache": (("static", "paged", "kv-int8", "kv-bf16", "kv-fp16"),
                  "KV cache layout: one preallocated buffer (in the model's dtype, or stored as int8 / "
                  "bf16 / fp16), or fixed-size blocks through a block table"),
@@ -130,6 +133,8 @@ class EngineOptions:
                               "kv_cache='static' with compile, cuda_graphs or kernels='fused-decode'")
         if self.kernels == "fused-decode":
             self._check_fused_decode()
+        if self.kernels == "int8-dot":
+            self._check_int8_dot()
         if self.compile == "reduce-overhead" and self.cuda_graphs:
             raise LlmlabError("compile='reduce-overhead' already captures CUDA graphs (inductor's); "
                               "use it or cuda_graphs=True, not both")
@@ -162,6 +167,16 @@ class EngineOptions:
         if self.compile != "none":
             raise LlmlabError("kernels='fused-decode' is already hand-fused Triton: torch.compile has nothing "
                               "left to fuse; use cuda_graphs=True to remove the launch overhead instead")
+
+    def _check_int8_dot(self) -> None:
+        if self.weights not in ("int4", "int8") and self.head != "int8":
+            raise LlmlabError("kernels='int8-dot' multiplies int4 or int8 weights: use weights='int4' or 'int8' "
+                              "(and/or head='int8')")
+        if self.model_dtype != "bf16":
+            raise LlmlabError(f"kernels='int8-dot' reads the weights' scales and the activations in bf16: use "
+                              f"dtype='bf16' (the default under quantized weights), not {self.model_dtype!r}")
+        if self.tp > 1:
+            raise LlmlabError("kernels='int8-dot' runs on one CPU process: use tp=1 with it")
 
     def _check_speculative(self) -> None:
         # the verification pass rolls the cache back by writing over rejected positions from a smaller

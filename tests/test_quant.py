@@ -213,11 +213,6 @@ def test_cuda_layers_match_the_dequantized_matmul(weights, seq):
 
 # --- the model -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hamlet_ids(llm, shakespeare_text):
-    return llm.tokenizer.encode(shakespeare_text[8000:12000])[:128]
-
-
 def agreement_with(llm, model, ids) -> tuple[float, float]:
     with torch.inference_mode():
         logits = model(torch.tensor([ids]))[0].float()

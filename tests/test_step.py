@@ -139,7 +139,7 @@ def test_a_batch_of_different_lengths_equals_each_sequence_alone(llm):
 
 
 def test_bucket_sizes():
-    assert [bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
+    assert [bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024, 1280]
 
 
 # --- sampling on the device ------------------------------------------------------------------------

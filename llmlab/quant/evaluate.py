@@ -25,6 +25,7 @@ from ..kv_cache import KV_CACHES, make_cache
 from ..llm import LLM, load
 from ..options import engine_options
 from ..validate import is_int
+from .int8_dot import DOT_ROWS
 
 try:
     from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ except ImportError:   # tqdm comes with the `lab` extras; without it there is no
     tqdm = None
 
 # switches a format may add after "+" (their values are text; llmlab.options checks them)
-TEXT_SWITCHES = ("head", "sparsity")
+TEXT_SWITCHES = ("head", "sparsity", "kernels")
 KL_ROWS = 128   # positions per KL computation: float64 over 49,152 tokens is 50 MB per tensor
 
 
@@ -58,11 +59,13 @@ def check_n_tokens(n_tokens) -> int:
 def cached_logits(llm: LLM, ids: list[int], kv_cache: str) -> torch.Tensor:
     """Logits of every position, computed through a KV cache of the given kind: in chunks of 64 after
     the first, so every chunk's attention reads keys and values back from the cache, as decode does
-    (a quantized cache's rounding included)."""
+    (a quantized cache's rounding included). Under kernels="int8-dot", chunks of DOT_ROWS tokens: the
+    C kernel serves calls of up to that many tokens only, so larger chunks would score PyTorch's."""
     cache = make_cache(kv_cache, llm.config, len(ids), llm.dtype, llm.device)
     tokens = torch.tensor([ids], device=llm.device)
-    chunks = [llm.model(tokens[:, start:start + 64], start_pos=start, cache=cache)[0]
-              for start in range(0, len(ids), 64)]
+    size = DOT_ROWS if llm.options.kernels == "int8-dot" else 64
+    chunks = [llm.model(tokens[:, start:start + size], start_pos=start, cache=cache)[0]
+              for start in range(0, len(ids), size)]
     return torch.cat(chunks).float()
 
 
@@ -124,7 +127,8 @@ def parse_format(name: str) -> tuple[dict, str | None]:
     """A format name as (load switches, KV cache kind or None):
 
     "int4-g64" -> ({"weights": "int4", "group_size": 64}, None);  "kv-int8" -> ({"weights": "fp32"}, "kv-int8");
-    more switches after "+": "int4-g32+head=int8", "fp32+sparsity=wanda:0.5" (any text-valued switch)."""
+    more switches after "+": "int4-g32+head=int8", "fp32+sparsity=wanda:0.5" (any text-valued switch);
+    "int4-g32+kernels=int8-dot" is scored through a static KV cache, DOT_ROWS tokens per forward."""
     first, *extra = name.split("+")
     if first.startswith("kv-"):
         if first not in KV_CACHES:
@@ -142,6 +146,8 @@ def parse_format(name: str) -> tuple[dict, str | None]:
             raise LlmlabError(f"format {name!r}: after '+' write one of {', '.join(TEXT_SWITCHES)} as switch=value, "
                               f"e.g. int4-g32+head=int8 or fp32+sparsity=wanda:0.5")
         switches[key] = value
+    if switches.get("kernels") == "int8-dot":   # its kernel runs decode-sized calls: score through a cache
+        kv_cache = kv_cache or "static"
     try:    # checked now, not after minutes of loading the reference
         engine_options(**switches)
     except LlmlabError as e:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import LlmlabError
 from ..options import INT4_GROUP_SIZES, QUANTIZED_WEIGHTS
+from . import int8_dot
 from .packing import pack_int4, unpack_int4
 from .quantize import dequantize, quantize_asymmetric, quantize_fp8, quantize_symmetric
 
@@ -46,10 +47,15 @@ class Int8Linear(nn.Module):
         q, scale = quantize_symmetric(weight, bits=8, per="channel")
         self.register_buffer("weight", q)                                  # (N, K) int8
         self.register_buffer("scale", scale[:, 0].to(dtype))               # (N,) in the activations' dtype
+        self.int8_dot = False          # kernels="int8-dot": int8 activations, integer dot products (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(flatten_tokens(x), self.weight, self.scale)
+            tokens = flatten_tokens(x)
+            if self.int8_dot and tokens.shape[0] <= int8_dot.DOT_ROWS:
+                y = torch.ops.llmlab.int8_int8_dot(tokens.contiguous(), self.weight, self.scale)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(tokens, self.weight, self.scale)
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 
@@ -92,10 +98,13 @@ class Int4Linear(nn.Module):
             scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("cpu_packed", cpu_packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))   # (K/group, N, 2)
+        self.int8_dot = False          # kernels="int8-dot": int8 activations, integer dot products (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = flatten_tokens(x)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.int8_dot and tokens.shape[0] <= int8_dot.DOT_ROWS:
+            y = torch.ops.llmlab.int4_int8_dot(tokens.contiguous(), self.packed, self.scales, self.offsets, self.group_size)
+        elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(tokens, self.cpu_packed, self.group_size,
                                                            self.scales_and_zeros)
         elif tokens.shape[0] <= PREFILL_ROWS:
@@ -194,4 +203,21 @@ def quantize_head(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     an int4 model whose head stayed bf16). Tied to the embedding, it gets its own quantized copy: the
     embedding keeps its float table, of which a decode step reads one row. Quantize from fp32 weights."""
     model.head = Int8Linear(model.head.weight.detach(), dtype)
+    return model
+
+
+def use_int8_dot(model: nn.Module) -> nn.Module:
+    """kernels="int8-dot": switch every int4 and int8 linear of the model (the head too, if int8) to
+    llmlab's C kernel for decode-sized inputs (llmlab.quant.int8_dot), in place; return the model.
+    The kernel is built here, so that a missing compiler or CPU feature is reported at load time."""
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    if not layers:
+        raise LlmlabError("kernels='int8-dot' found no int4 or int8 linear layers: load with weights='int4' "
+                          "or 'int8', or head='int8'")
+    if any(buffer.device.type != "cpu" for buffer in model.buffers()):
+        raise LlmlabError("kernels='int8-dot' is a CPU kernel: load on device='cpu' (on a GPU, int4 weights "
+                          "use llmlab's Triton kernel without it)")
+    int8_dot.library()
+    for layer in layers:
+        layer.int8_dot = True
     return model
