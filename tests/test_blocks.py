@@ -295,6 +295,8 @@ def test_random_operations_keep_the_invariants_and_never_serve_wrong_kv():
     assert min(operations.values()) >= 50, operations   # every path was exercised
 
 
+@pytest.mark.bad_input(kind="a block manager given a non-positive size, an unknown sequence or an empty prompt",
+                       gets="LlmlabError saying what to give it")
 @pytest.mark.parametrize("make, message", [
     (lambda: BlockManager(0, 16), "n_blocks must be a positive"),
     (lambda: BlockManager(-3, 16), "n_blocks must be a positive"),
