@@ -1,0 +1,289 @@
+"""The continuous-batching scheduler (llmlab.serve.scheduler) against each request run alone.
+
+The reference is llm.generate_ids: one request, prefilled in one forward and decoded into a contiguous
+KVCache, sharing no code with the scheduler's chunks, block tables, prefix hits and preemptions.
+Greedy tokens must be identical. That is exact maths up to fp32 summation order: a batched step's
+logits differ from the eager path's by at most 5e-5 (tests/test_batch.py measures it), far below the
+gap between the top two logits at any step of these prompts, so a token that differs is a bug (a
+wrong position, a block read before it was written, a lost token on preemption), not rounding.
+Seeded sampling is compared the same way: the draw depends only on the seed and the position.
+
+Requests "arrive" at given steps: each is added just before that step runs. Every run ends with no
+block in use.
+"""
+
+import dataclasses
+
+import pytest
+
+from llmlab.errors import LlmlabError
+from llmlab.sampling import SamplingParams
+from llmlab.serve.scheduler import Request, Scheduler
+
+TEXTS = ["The capital of France is",                                   # 5 tokens
+         "Once upon a time, in a land far away, there lived a",        # 14
+         "def fibonacci(n):\n    if n < 2:",                           # 13
+         "1 + 1 = 2, 2 + 2 = 4, 3 + 3 =",                              # 23
+         "Water boils at",                                             # 3
+         "The quick brown fox jumps over the lazy dog. The dog"]       # 12
+LONG = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
+        "and arrows of outrageous fortune, or to take arms")                                        # 37
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=1234)
+
+
+def alone(llm, request: Request) -> list[int]:
+    """The reference: the request's prompt through llm.generate_ids, by itself."""
+    sampling = dataclasses.asdict(request.sampling)
+    return list(llm.generate_ids(request.prompt, request.max_new_tokens, stop_ids=request.stop_ids, **sampling))
+
+
+def drive(scheduler: Scheduler, arrivals: dict[int, list[Request]]) -> None:
+    """Add each request just before the step it arrives at, step until every one has finished, and check
+    that no block is left in use."""
+    step = 0
+    while step <= max(arrivals) or scheduler.has_work:
+        for request in arrivals.get(step, []):
+            scheduler.add(request)
+        if scheduler.has_work:
+            scheduler.step()
+        step += 1
+    assert scheduler.blocks.n_in_use == 0 and not scheduler.blocks.tables
+
+
+def runs_of(scheduler: Scheduler, request_id) -> list:
+    """(step index, Ran) for every step the request ran in."""
+    return [(step.index, ran) for step in scheduler.steps for ran in step.ran if ran.request_id == request_id]
+
+
+def test_greedy_outputs_of_a_continuous_batch_match_each_request_alone(llm):
+    """Six prompts of 3 to 23 tokens arriving at steps 0 to 8, through 8-token steps: prompts are
+    chunked, joins and leaves happen mid-batch, and the pool is large enough that nobody is preempted."""
+    tok = llm.tokenizer
+    requests = [Request(i, tok.encode(text), max_new_tokens=n, stop_ids=())
+                for i, (text, n) in enumerate(zip(TEXTS, [6, 4, 8, 5, 7, 6]))]
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, max_running=4, token_budget=8)
+    drive(scheduler, {0: requests[:2], 1: [requests[2]], 3: [requests[3]], 5: [requests[4]], 8: [requests[5]]})
+    for request in requests:
+        assert request.output == alone(llm, request), f"request {request.id}"
+        assert request.finish_reason == "length" and request.n_preempted == 0
+        assert request.arrival_time < request.first_token_time <= request.finish_time
+        assert request.ttft > 0 and request.tpot > 0
+    assert all(step.n_tokens <= 8 and len(step.ran) <= 4 and not step.preempted for step in scheduler.steps)
+    chunked = [r.id for r in requests if sum(ran.kind == "prefill" for _, ran in runs_of(scheduler, r.id)) > 1]
+    assert 3 in chunked        # 23 tokens cannot fit an 8-token step
+
+
+def test_preempted_sequences_recompute_and_still_match_alone(llm):
+    """Four prompts need 13 blocks of 4 tokens and the pool has 13: all are admitted, their decodes run
+    out of blocks, and the latest admitted are preempted, recomputed and continued. The sampling
+    request is one of them: its draws must continue exactly after recompute too. A short request
+    arriving at step 1 finds the first preempted one put in front of it, and does not overtake it
+    even where it alone would fit."""
+    tok = llm.tokenizer
+    requests = [Request(i, tok.encode(TEXTS[i]), max_new_tokens=8, stop_ids=()) for i in (0, 1, 2, 5)]
+    requests[2].sampling = SAMPLED
+    late = Request("late", tok.encode(TEXTS[4]), max_new_tokens=4, stop_ids=())
+    scheduler = Scheduler(llm, n_blocks=13, block_size=4, max_running=4, token_budget=64)
+    drive(scheduler, {0: requests, 1: [late]})
+    for request in requests + [late]:
+        assert request.output == alone(llm, request), f"request {request.id}"
+    preemptions = [victim for step in scheduler.steps for victim in step.preempted]
+    assert preemptions == [5, 2]                 # the most recently admitted first
+    assert [r.n_preempted for r in requests] == [0, 0, 1, 1]
+    admissions = [(step.index, ran) for step in scheduler.steps for ran in step.ran if ran.admitted]
+    assert [ran.request_id for _, ran in admissions] == [0, 1, 2, 5, 2, 5, "late"]
+    assert not any(ran.admitted for step in scheduler.steps if step.preempted for ran in step.ran)
+    # readmitted, the sampling request prefills prompt + its 7 tokens so far, and finds most of its
+    # blocks still in the prefix cache
+    readmitted = admissions[4][1]
+    assert readmitted.kind == "prefill" and readmitted.cached_tokens > 0
+    assert readmitted.cached_tokens + readmitted.n_tokens == len(requests[2].prompt) + 7
+    assert all(step.blocks_in_use <= 13 for step in scheduler.steps)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(llm):
+    """Two short requests decode; a 37-token prompt arrives at step 2. With 6 tokens a step, two of them
+    decodes, it takes 4 tokens a step, and the decodes go on in every one of those steps."""
+    tok = llm.tokenizer
+    a, b = (Request(name, tok.encode(text), max_new_tokens=12, stop_ids=()) for name, text in
+            (("a", TEXTS[0]), ("b", TEXTS[4])))
+    long = Request("long", tok.encode(LONG), max_new_tokens=3, stop_ids=())
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, max_running=3, token_budget=6)
+    drive(scheduler, {0: [a, b], 2: [long]})
+    assert all(step.n_tokens <= 6 for step in scheduler.steps)
+    prefill_steps = [i for i, ran in runs_of(scheduler, "long") if ran.kind == "prefill"]
+    assert len(prefill_steps) == 10                                # 37 tokens, 4 a step
+    assert sum(ran.n_tokens for _, ran in runs_of(scheduler, "long") if ran.kind == "prefill") == len(long.prompt)
+    for i in prefill_steps:
+        kinds = {ran.request_id: ran.kind for ran in scheduler.steps[i].ran}
+        assert kinds["a"] == kinds["b"] == "decode", f"step {i}: {kinds}"
+    assert long.first_token_time > a.first_token_time
+    for request in (a, b, long):
+        assert request.output == alone(llm, request), f"request {request.id}"
+
+
+def test_requests_sharing_a_system_prompt_hit_the_prefix_cache(llm):
+    """r1 and r2 arrive while r0 runs and share its blocks in use; r3 arrives after all have finished
+    and finds them evictable, still cached. The hit is whole blocks of the shared prefix, and that
+    many fewer tokens are prefilled."""
+    tok = llm.tokenizer
+    system = "You are a helpful assistant. Answer in one short sentence, and be precise and kind to the user."
+    questions = [" What is the capital of France?", " Why is the sky blue?", " Name a prime number.",
+                 " Who wrote Hamlet?"]
+    requests = [Request(f"r{i}", tok.encode(system + q), max_new_tokens=4, stop_ids=())
+                for i, q in enumerate(questions)]
+    shared = len(tok.encode(system)) - 1        # the tokenizer may merge the last token with the question's
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, max_running=4, token_budget=64)
+    drive(scheduler, {0: requests[:1], 2: requests[1:3], 9: requests[3:]})
+    hits = {r.id: ran.cached_tokens for r in requests for _, ran in runs_of(scheduler, r.id) if ran.admitted}
+    assert hits["r0"] == 0
+    for request in requests[1:]:
+        assert shared // 4 * 4 <= hits[request.id] < len(request.prompt), hits
+        assert hits[request.id] % 4 == 0
+        prefilled = sum(ran.n_tokens for _, ran in runs_of(scheduler, request.id) if ran.kind == "prefill")
+        assert prefilled == len(request.prompt) - hits[request.id]
+    assert scheduler.blocks.prompt_tokens_hit == sum(hits.values())
+    for request in requests:
+        assert request.output == alone(llm, request), f"request {request.id}"
+
+
+def test_a_seeded_request_samples_the_same_tokens_alone_and_batched(llm):
+    """Alone in a scheduler, and arriving at step 2 beside others through 6-token steps (so its prompt is
+    chunked): the same tokens, which are also generate_ids's with that seed. The same request with
+    another seed, in the same batch, draws other tokens: the seed is really used. A greedy request with
+    a repetition penalty checks that the penalty counts the tokens it generated, not only its prompt
+    (its 9th token repeats " the", which is not in the prompt)."""
+    tok = llm.tokenizer
+    prompt = tok.encode(TEXTS[1])
+    solo = Request("s", prompt, max_new_tokens=8, sampling=SAMPLED, stop_ids=())
+    scheduler = Scheduler(llm.model, n_blocks=16, block_size=4)
+    scheduler.add(solo)
+    scheduler.run()
+    batched = Request("s", prompt, max_new_tokens=8, sampling=SAMPLED, stop_ids=())
+    other_seed = Request("t", prompt, max_new_tokens=8, sampling=dataclasses.replace(SAMPLED, seed=4321), stop_ids=())
+    penalised = Request("p", tok.encode("Once upon a time"), max_new_tokens=12,
+                        sampling=SamplingParams(repetition_penalty=1.3), stop_ids=())
+    others = [Request(i, tok.encode(TEXTS[i]), max_new_tokens=6, stop_ids=()) for i in (0, 4)]
+    busy = Scheduler(llm, n_blocks=64, block_size=4, max_running=4, token_budget=6)
+    drive(busy, {0: others + [penalised], 2: [batched], 3: [other_seed]})
+    assert sum(ran.kind == "prefill" for _, ran in runs_of(busy, "s")) > 1
+    assert batched.output == solo.output == alone(llm, solo)
+    assert other_seed.output != batched.output
+    assert penalised.output == alone(llm, penalised)
+
+
+def test_stop_tokens_and_max_new_tokens_end_requests(llm):
+    """A chat answer that ends with the end-of-text token by default (as generate_ids stops), a stop id
+    given by the request, and max_new_tokens; the stop token is kept in the output."""
+    tok = llm.tokenizer
+    chat = tok.encode_chat([{"role": "user", "content": "What is 2+2? Answer with a number only."}],
+                           add_generation_prompt=True)
+    counting = tok.encode(TEXTS[3])
+    free_run = list(llm.generate_ids(counting, 6, stop_ids=set()))
+    by_eos = Request("eos", chat, max_new_tokens=12)
+    by_stop_id = Request("stop", counting, max_new_tokens=6, stop_ids={free_run[2]})
+    by_length = Request("length", counting, max_new_tokens=3, stop_ids=())
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, token_budget=32)
+    for request in (by_eos, by_stop_id, by_length):
+        scheduler.add(request)
+    scheduler.run()
+    assert by_eos.stop_ids == {tok.eos_id} and by_eos.output[-1] == tok.eos_id
+    assert by_eos.finish_reason == "stop" and len(by_eos.output) < 12
+    assert by_stop_id.finish_reason == "stop"
+    assert by_stop_id.output == free_run[:free_run.index(free_run[2]) + 1]
+    assert by_length.finish_reason == "length" and by_length.output == free_run[:3]
+    for request in (by_eos, by_stop_id):
+        assert request.output == alone(llm, request)
+    without_tokenizer = Scheduler(llm.model, n_blocks=8, block_size=4)
+    without_tokenizer.add(no_default := Request("x", [1, 2, 3]))
+    assert no_default.stop_ids == frozenset()
+
+
+def test_no_block_stays_in_use_after_run(llm):
+    """Preemption, a prefix hit and both finish reasons in one run; afterwards every block is free or
+    cached, and the scheduler holds no sequence."""
+    tok = llm.tokenizer
+    requests = [Request(i, tok.encode(TEXTS[0] + text), max_new_tokens=6, stop_ids=()) for i, text in
+                enumerate(["", " a city of", " not", " Paris, and"])]
+    requests[1].stop_ids = {list(llm.generate_ids(requests[1].prompt, 2, stop_ids=set()))[1]}
+    scheduler = Scheduler(llm, n_blocks=7, block_size=4, token_budget=32)
+    for request in requests:
+        scheduler.add(request)
+    finished = scheduler.run()
+    assert {r.id for r in finished} == {0, 1, 2, 3}
+    assert {r.finish_reason for r in finished} == {"stop", "length"}
+    assert any(step.preempted for step in scheduler.steps) and scheduler.blocks.prompt_tokens_hit > 0
+    blocks = scheduler.blocks
+    assert blocks.n_in_use == 0 and blocks.n_free + blocks.n_evictable == blocks.n_blocks
+    assert not blocks.tables and not scheduler.running and not scheduler.waiting
+    assert all(0 < step.blocks_in_use <= 7 for step in scheduler.steps)
+
+
+BAD_REQUESTS = {
+    r"request 'e': the prompt is empty": lambda: Request("e", []),
+    r"request 'n': max_new_tokens must be a positive integer, got 0": lambda: Request("n", [1], max_new_tokens=0),
+    r"request 'v': token id 49152 is outside the vocabulary": lambda: Request("v", [1, 49152]),
+    r"request 'c': the prompt is 8190 tokens and max_new_tokens is 3: together more than the model's "
+    r"context of 8192": lambda: Request("c", [1] * 8190, max_new_tokens=3),
+    r"request 'p': its 15 prompt tokens and up to 3 new ones need KV room for 17 tokens, more than the "
+    r"whole pool holds \(4 blocks of 4 = 16 tokens\)": lambda: Request("p", [1] * 15, max_new_tokens=3),
+    r"request 's': sampling must be a SamplingParams": lambda: Request("s", [1], sampling={"temperature": 1}),
+    r"request 'r': seed 9223372036854775808 does not fit the sampler's int64": lambda: Request(
+        "r", [1], sampling=SamplingParams(temperature=1.0, seed=2**63)),
+    r"request 'x': stop_ids must be integers": lambda: Request("x", [1], stop_ids=["\n"]),
+    "add takes a Request, got list": lambda: [1, 2, 3],
+}
+
+
+@pytest.mark.bad_input(kind="a request the scheduler could never run (empty or out-of-vocabulary prompt, past the "
+                            "context, larger than the whole KV pool, a bad seed, sampling or stop ids)",
+                       gets="LlmlabError at add, naming the request and the fix; nothing is queued")
+@pytest.mark.parametrize("message", list(BAD_REQUESTS))
+def test_a_request_that_cannot_run_is_refused_at_add(llm, message):
+    scheduler = Scheduler(llm, n_blocks=4, block_size=4)
+    with pytest.raises(LlmlabError, match=message):
+        scheduler.add(BAD_REQUESTS[message]())
+    assert not scheduler.has_work
+
+
+def test_duplicate_ids_reruns_and_empty_steps_are_refused(llm):
+    scheduler = Scheduler(llm, n_blocks=4, block_size=4)
+    with pytest.raises(LlmlabError, match="nothing to run: add a request first"):
+        scheduler.step()
+    first = Request("a", [1, 2], max_new_tokens=1)
+    scheduler.add(first)
+    with pytest.raises(LlmlabError, match="request 'a': a request with this id is already waiting or running"):
+        scheduler.add(Request("a", [3]))
+    scheduler.run()
+    with pytest.raises(LlmlabError, match="request 'a' has already run: make a new Request"):
+        scheduler.add(first)
+    scheduler.add(Request("a", [3], max_new_tokens=1))      # a finished request's id may be used again
+
+
+def test_requests_that_just_fit_the_pool_run_one_after_the_other(llm):
+    """15 prompt tokens and 2 new ones need KV for 16 tokens, all of a 4-block pool: accepted, and two
+    such requests run in turn (the second waits for the first's blocks) instead of deadlocking."""
+    scheduler = Scheduler(llm, n_blocks=4, block_size=4)
+    requests = [Request(i, list(range(100 + i, 115 + i)), max_new_tokens=2, stop_ids=()) for i in range(2)]
+    for request in requests:
+        scheduler.add(request)
+    assert [r.id for r in scheduler.run()] == [0, 1]
+    assert all(len(r.output) == 2 for r in requests) and scheduler.blocks.n_in_use == 0
+
+
+@pytest.mark.bad_input(kind="a scheduler with no blocks, no running slots, or a token budget below max_running",
+                       gets="LlmlabError saying what a step needs")
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_blocks=0), "n_blocks must be a positive whole number, got 0"),
+    (dict(n_blocks=4, block_size=4, max_running=8, token_budget=4),
+     "token_budget 4 is smaller than max_running 8: a step must have room for one decode token"),
+    (dict(n_blocks=4, max_running=0), "max_running must be a positive integer, got 0"),
+])
+def test_impossible_settings_are_refused(llm, kwargs, message):
+    with pytest.raises(LlmlabError, match=message):
+        Scheduler(llm, **kwargs)
+
+
+def test_only_an_llmlab_model_can_be_scheduled():
+    with pytest.raises(LlmlabError, match="Scheduler runs an llmlab model: give it llmlab.load"):
+        Scheduler("SmolLM2", n_blocks=4)
