@@ -161,3 +161,22 @@ def test_a_missing_compiler_is_named_with_the_fix(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(LlmlabError, match="no C compiler.*kernels=.torch."):
         int8_dot.compilers()
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64-v3 -mavxvnni"], ids=["avx2", "avx-vnni"])
+def test_the_narrower_instruction_paths_compute_the_same(march, tmp_path):
+    """This machine's build takes the widest path it has (AVX-512 VNNI on the CI's CPUs so far); the
+    AVX2 path (vpmaddubsw) and the 256-bit AVX-VNNI one are built here for an older -march and run the
+    kernel tests above in a fresh process: the same checks, other instructions."""
+    import os
+    import subprocess
+    import sys
+    from llmlab.quant.int8_dot import cpu_flags
+    if march.startswith("x86-64-v3 -mavxvnni") and "avx_vnni" not in cpu_flags().split():
+        pytest.skip("this CPU has no AVX-VNNI")
+    env = {**os.environ, "LLMLAB_MARCH": march, "LLMLAB_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "kernel_computes or zero_not_nan or rounding_of_the_inputs"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout

@@ -189,7 +189,12 @@ static inline void int4_rows_wide(const uint8_t *row, long K, const uint16_t *sc
     const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000);
     __m512 acc[ROWS];
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    /* The next rows' bytes, fetched ahead: each row is only a few cache lines, too short a stream for
+     * the hardware prefetcher to pick up, so without this every row group starts with a wait on memory. */
+    const char *next = (const char *)(row + ROWS * (K / 2));
     for (long b = 0; b < K / BLOCK; b += 2) {
+        _mm_prefetch(next + b * 64, _MM_HINT_T0);               /* ROWS * K/2 bytes over K/64 steps */
+        _mm_prefetch(next + b * 64 + 64, _MM_HINT_T0);
         const __m512i xq = _mm512_load_si512((const void *)(qx + b * BLOCK));
         const __m512 d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(dx[b]), _mm512_set1_ps(dx[b + 1]));
         for (int r = 0; r < rows; r++) {

@@ -41,7 +41,9 @@ KERNELS = Path(__file__).with_name("int8_dot.c")            # the kernels, in C
 OPERATORS = Path(__file__).with_name("int8_dot_op.cpp")     # their registration as PyTorch operators
 DOT_ROWS = 16                  # above this many tokens a matmul is compute-bound: PyTorch's kernels do it
 BLOCK = 32                     # inputs per activation scale, and the smallest weight group
-C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
+# -march=native compiles for this CPU's best instructions. LLMLAB_MARCH builds for an older level instead
+# (e.g. "haswell": AVX2 without VNNI), which is how the tests run the AVX2 path on an AVX-512 machine.
+C_FLAGS = ["-O3", *f"-march={os.environ.get('LLMLAB_MARCH', 'native')}".split(), "-fopenmp", "-fPIC"]
 
 
 def cpu_flags() -> str:
