@@ -133,12 +133,34 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .serve.engine import check_serve_options
     from .server import model_name, serve
 
+    check_serve_options(engine_options(**switches_given(args)))     # refused before a model loads
+    if args.token_budget < args.max_running:
+        raise LlmlabError(f"--token-budget {args.token_budget} is smaller than --max-running {args.max_running}: a "
+                          f"step must have room for one decode token of every running request")
     llm = load_model(args)
     serve(llm, args.host, args.port,
-          on_ready=lambda url: print(f"llmlab serving {model_name(llm)} at {url}", file=sys.stderr, flush=True))
+          on_ready=lambda url: print(f"llmlab serving {model_name(llm)} at {url}", file=sys.stderr, flush=True),
+          max_running=args.max_running, kv_blocks=args.kv_blocks, block_size=args.block_size,
+          token_budget=args.token_budget)
     return 0
+
+
+def at_least_one(text: str) -> int:
+    """argparse's type for a count: a whole number >= 1 (argparse then names the flag)."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def one_process(text: str) -> int:
+    """serve's --tp: checked as the command line is read, before main would start one process per rank."""
+    if text.strip() != "1":
+        raise argparse.ArgumentTypeError(f"llmlab serve runs in one process on one device, so --tp is 1, not "
+                                         f"{text!r}: tensor parallelism is for generate and bench")
+    return 1
 
 
 # --- info --------------------------------------------------------------------------------------
@@ -421,10 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", parents=[model, switches, sampling], help="talk with the model, turn by turn")
     p.set_defaults(func=cmd_chat)
 
-    p = commands.add_parser("serve", parents=[model, switches],
-                            help="an OpenAI-compatible HTTP API for the model (one request at a time, for now)")
+    # conflict_handler: serve's own --tp (below) replaces the switch's
+    p = commands.add_parser("serve", parents=[model, switches], conflict_handler="resolve",
+                            help="an OpenAI-compatible HTTP API for the model, many requests at once "
+                                 "(continuous batching)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port, printed when ready")
+    p.add_argument("--tp", type=one_process, metavar="1", help="serve runs on one device: 1 only")
+    scheduling = p.add_argument_group("scheduling (llmlab.serve.scheduler)")
+    scheduling.add_argument("--max-running", type=at_least_one, default=16, metavar="N",
+                            help="requests decoded together at most; the others wait their turn (default 16)")
+    scheduling.add_argument("--kv-blocks", type=at_least_one, metavar="N",
+                            help="KV blocks in the pool, in the model's dtype (default: 512 tokens for each running "
+                                 "request, and at least the context up to 8,192 tokens)")
+    scheduling.add_argument("--block-size", type=at_least_one, default=16, metavar="N",
+                            help="tokens per KV block (default 16)")
+    scheduling.add_argument("--token-budget", type=at_least_one, default=256, metavar="N",
+                            help="tokens one step runs at most: decodes first, then prompt chunks (default 256; "
+                                 "at least --max-running)")
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("info", help="the model's shape, size and memory, without loading its weights")

@@ -4,11 +4,15 @@ A request body becomes a `Request` (the engine's max_new_tokens, sampling keywor
 or an `ApiError`, whose JSON is OpenAI's: {"error": {"message", "type", "param", "code"}}. Parameters
 that would change the result and that llmlab does not implement are refused unless they hold their
 neutral value, and unknown ones are refused as OpenAI refuses them, so no client gets a made-up result.
+A reply is made of `chunk_maker`'s objects: whole, or streamed as server-sent events (`sse`).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import validate
@@ -35,7 +39,8 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": self.code}}
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def error_from(e: LlmlabError) -> ApiError:
     """llmlab's own check of a value (a bad max_tokens, temperature, role; a prompt over the context)."""
     return ApiError(400, str(e))
+
+
+def chunk_maker(endpoint: str, model: str) -> Callable[..., dict]:
+    """A function that makes this response's JSON objects: one id and time for all its chunks."""
+    prefix, kind = ("chatcmpl", "chat.completion") if endpoint == "chat" else ("cmpl", "text_completion")
+    id, created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
+
+    def chunk(text: str | None, finish_reason: str | None, whole: bool = False, role: bool = False) -> dict:
+        if endpoint == "completions":
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        elif whole:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        object = kind if whole or endpoint == "completions" else f"{kind}.chunk"
+        return {"id": id, "object": object, "created": created, "model": model, "choices": [choice]}
+    return chunk
+
+
+def sse(data: dict) -> str:
+    """One server-sent event. An error in the middle of a stream is sent as one too: its ApiError's body,
+    which OpenAI's clients raise as an error."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

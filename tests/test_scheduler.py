@@ -287,3 +287,74 @@ def test_impossible_settings_are_refused(llm, kwargs, message):
 def test_only_an_llmlab_model_can_be_scheduled():
     with pytest.raises(LlmlabError, match="Scheduler runs an llmlab model: give it llmlab.load"):
         Scheduler("SmolLM2", n_blocks=4)
+
+
+def test_abort_a_running_request_frees_its_blocks_and_the_others_go_on(llm):
+    """Three requests, room for two at a time: the first is aborted mid-decode, which frees its blocks at
+    once and lets the third in; the second is untouched and still matches its run alone."""
+    tok = llm.tokenizer
+    requests = [Request(i, tok.encode(TEXTS[i]), max_new_tokens=8, stop_ids=()) for i in range(3)]
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, max_running=2, token_budget=64)
+    for request in requests:
+        scheduler.add(request)
+    for _ in range(3):
+        scheduler.step()
+    held = len(scheduler.blocks.block_table(0))
+    in_use = scheduler.blocks.n_in_use
+    assert scheduler.abort(0) is requests[0]
+    assert requests[0].finish_reason == "abort" and len(requests[0].output) == 3
+    assert scheduler.blocks.n_in_use == in_use - held and 0 not in scheduler.blocks.tables
+    assert [r.id for r in scheduler.running] == [1] and [r.id for r in scheduler.waiting] == [2]
+    assert [r.id for r in scheduler.run()] == [1, 2]
+    for request in requests[1:]:
+        assert request.output == alone(llm, request), f"request {request.id}"
+    assert scheduler.blocks.n_in_use == 0 and 0 not in {ran.request_id for step in scheduler.steps[3:]
+                                                        for ran in step.ran}
+
+
+def test_abort_a_waiting_request_removes_it_from_the_queue(llm):
+    """One slot: the second request waits, is aborted before it ever runs, and never does; a preempted
+    request (waiting again, with tokens already made) is aborted the same way."""
+    tok = llm.tokenizer
+    first, second = (Request(i, tok.encode(TEXTS[i]), max_new_tokens=4, stop_ids=()) for i in range(2))
+    scheduler = Scheduler(llm, n_blocks=64, block_size=4, max_running=1, token_budget=64)
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.step()
+    assert scheduler.abort(1) is second and second.finish_reason == "abort" and not second.output
+    assert not scheduler.waiting and [r.id for r in scheduler.run()] == [0]
+    assert first.output == alone(llm, first)
+    assert all(ran.request_id == 0 for step in scheduler.steps for ran in step.ran)
+
+    # 13 blocks of 4 for four prompts: decodes run out of blocks and the latest admitted is preempted
+    crowd = [Request(i, tok.encode(TEXTS[i]), max_new_tokens=8, stop_ids=()) for i in (0, 1, 2, 5)]
+    scheduler = Scheduler(llm, n_blocks=13, block_size=4, max_running=4, token_budget=64)
+    for request in crowd:
+        scheduler.add(request)
+    while not any(step.preempted for step in scheduler.steps):
+        scheduler.step()
+    victim = scheduler.waiting[0]
+    assert victim.output and victim.id not in scheduler.blocks.tables
+    scheduler.abort(victim.id)
+    finished = scheduler.run()
+    assert victim not in finished and victim.finish_reason == "abort"
+    for request in finished:
+        assert request.output == alone(llm, request), f"request {request.id}"
+    assert scheduler.blocks.n_in_use == 0
+
+
+@pytest.mark.bad_input(kind="Scheduler.abort of a request id that is not waiting or running (unknown, finished, "
+                            "aborted already)",
+                       gets="LlmlabError saying it has finished, been aborted or was never added; nothing changes")
+def test_abort_of_an_unknown_or_finished_request_is_refused(llm):
+    scheduler = Scheduler(llm, n_blocks=8, block_size=4)
+    with pytest.raises(LlmlabError, match="no request 'nobody' is waiting or running"):
+        scheduler.abort("nobody")
+    scheduler.add(Request("done", [1, 2], max_new_tokens=1))
+    scheduler.add(Request("gone", [3, 4], max_new_tokens=4))
+    scheduler.step()
+    scheduler.abort("gone")
+    for request_id in ("done", "gone"):
+        with pytest.raises(LlmlabError, match=f"no request '{request_id}' is waiting or running: it has finished"):
+            scheduler.abort(request_id)
+    assert not scheduler.has_work and scheduler.blocks.n_in_use == 0

@@ -6,6 +6,7 @@
                   of tokens, each reading and writing its own blocks of the paged KV cache
     scheduler.py  continuous batching: requests join and leave at every step; a token budget per step
                   (chunked prefill), admission bounded by free blocks, preemption by recompute
+    engine.py     the scheduler stepped on a thread of its own, for `llmlab serve` (llmlab.server)
 
 The OpenAI-compatible server (llmlab.server) and speculative decoding (llmlab.speculative) sit beside it.
 """

@@ -9,6 +9,8 @@ is one forward_batch (llmlab.serve.batch) over whatever runs, each sequence in i
     scheduler.add(Request("a", prompt_ids, max_new_tokens=32))
     while scheduler.has_work:
         step = scheduler.step()        # step.new_tokens {request id: token}, step.finished (Requests)
+        if client_left:
+            scheduler.abort("a")       # between two steps: it ends now, and its blocks are freed
 
 The policy: first come, first served. A step runs at most token_budget tokens (chunked prefill):
 
@@ -77,7 +79,7 @@ class Request:
     arrival_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    finish_reason: str | None = None            # "stop" or "length"
+    finish_reason: str | None = None            # "stop", "length", or "abort" (Scheduler.abort)
     n_preempted: int = 0
     # the scheduler's bookkeeping
     n_computed: int = field(default=0, init=False, repr=False)   # leading tokens whose KV is in its blocks
@@ -229,6 +231,24 @@ class Scheduler:
         self.steps.append(step)
         self.n_steps += 1
         return step
+
+    def abort(self, request_id: Hashable) -> Request:
+        """End a waiting or running request now, with finish_reason "abort": a client that left, or one
+        whose text reached a stop string, needs no more tokens. A running request's blocks are freed at
+        once (its full computed ones stay in the prefix cache); a waiting one holds none. Returns it.
+        Like every call here, not thread-safe: call it between steps, from the thread that steps."""
+        request = next((r for r in (*self.waiting, *self.running) if r.id == request_id), None)
+        if request is None:
+            raise LlmlabError(f"no request {request_id!r} is waiting or running: it has finished or been aborted "
+                              f"already, or was never added")
+        if request in self.running:
+            self.blocks.free(request.id)
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.finish_reason = "abort"
+        request.finish_time = time.perf_counter()
+        return request
 
     def run(self) -> list[Request]:
         """Step until every request has finished; returns them in the order they finished."""
