@@ -276,6 +276,7 @@ int int8_matmul(const void *x, int x_bf16, long M, long K, long N, const int8_t 
             const float *d = dx + m * K / BLOCK;
             __m256 acc = _mm256_setzero_ps();
             for (long b = 0; b < K / BLOCK; b++) {
+                _mm_prefetch((const char *)(row + K + b * BLOCK), _MM_HINT_T0);   /* the next row (see int4) */
                 __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * BLOCK));
                 __m256i xb = _mm256_load_si256((const __m256i *)(q + b * BLOCK));
                 /* the instructions take one unsigned operand: |w| times x with w's sign moved onto x */
