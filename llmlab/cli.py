@@ -155,14 +155,6 @@ def at_least_one(text: str) -> int:
     return int(text)
 
 
-def one_process(text: str) -> int:
-    """serve's --tp: checked as the command line is read, before main would start one process per rank."""
-    if text.strip() != "1":
-        raise argparse.ArgumentTypeError(f"llmlab serve runs in one process on one device, so --tp is 1, not "
-                                         f"{text!r}: tensor parallelism is for generate and bench")
-    return 1
-
-
 # --- info --------------------------------------------------------------------------------------
 
 def describe(source: str | None) -> dict:
@@ -443,13 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", parents=[model, switches, sampling], help="talk with the model, turn by turn")
     p.set_defaults(func=cmd_chat)
 
-    # conflict_handler: serve's own --tp (below) replaces the switch's
-    p = commands.add_parser("serve", parents=[model, switches], conflict_handler="resolve",
+    p = commands.add_parser("serve", parents=[model, switches],
                             help="an OpenAI-compatible HTTP API for the model, many requests at once "
                                  "(continuous batching)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port, printed when ready")
-    p.add_argument("--tp", type=one_process, metavar="1", help="serve runs on one device: 1 only")
     scheduling = p.add_argument_group("scheduling (llmlab.serve.scheduler)")
     scheduling.add_argument("--max-running", type=at_least_one, default=16, metavar="N",
                             help="requests decoded together at most; the others wait their turn (default 16)")
@@ -527,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         tp = getattr(args, "tp", None) or 1
         if tp > 1 and args.func is cmd_chat:
             raise LlmlabError("llmlab chat reads your turns in one process; --tp is for generate and bench")
+        if tp > 1 and args.func is cmd_serve:      # before main would start one process per rank
+            raise LlmlabError(f"llmlab serve runs in one process on one device, so --tp is 1, not {tp}: tensor "
+                              f"parallelism is for generate and bench")
         if tp > 1 and "WORLD_SIZE" not in os.environ:
             return launch_ranks(tp, argv)
         if os.environ.get("RANK", "0") != "0":

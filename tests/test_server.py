@@ -429,7 +429,7 @@ SERVE_FLAGS = [
     (["--kv-blocks", "-3"], "argument --kv-blocks: must be a whole number of at least 1"),
     (["--block-size", "four"], "argument --block-size: must be a whole number of at least 1, got 'four'"),
     (["--token-budget", "8"], "--token-budget 8 is smaller than --max-running 16"),
-    (["--tp", "2"], "argument --tp: llmlab serve runs in one process on one device"),
+    (["--tp", "2"], "llmlab serve runs in one process on one device, so --tp is 1"),
     (["--compile", "default"], "llmlab serve cannot run this switch: compile, cuda_graphs"),
     (["--kernels", "fused-decode"], "kernels='fused-decode' build the fixed-shape decode step"),
     (["--speculative", "prompt-lookup:4"], "cannot run this switch: speculative decoding"),
