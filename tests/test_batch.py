@@ -293,3 +293,31 @@ def test_per_token_positions_need_a_cache_that_attends():
     model = Transformer(TINY)
     with pytest.raises(LlmlabError, match="per-token positions"):
         model(torch.tensor([[1, 2]]), start_pos=torch.tensor([[0, 5]]), cache=KVCache(TINY, 8))
+
+
+def test_the_graph_steps_views_give_the_same_logits(pruned):
+    """llmlab.serve.graphs reads a decode step through views of two tensors and pads it to its bucket
+    with decodes into a scratch block. Run eagerly here (the graph replays exactly these kernels; its
+    capture is tested on a GPU in test_scheduler): 3 decodes padded to 4, the kernel reading the context
+    lengths and block tables from those views, against each sequence alone. Same bound as above."""
+    from llmlab.serve.graphs import GraphBatch, graph_inputs
+    lengths = [5, 11, 1]
+    ids = [torch.randint(512, (n + 1,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    pool = scrambled_pool(pruned.config, 24, 4, device=DEVICE)
+    scratch = pool.allocate()
+    tables = [blocks_for(pool, len(x)) for x in ids]
+    forward_batch(pruned, pool, [SequenceChunk(t, 0, x[:-1]) for t, x in zip(tables, ids)])
+    inputs, rows = graph_inputs([SequenceChunk(t, len(x) - 1, x[-1:]) for t, x in zip(tables, ids)], 4, 4, scratch)
+    tables_in_graph = torch.full((4, 6), scratch, device=DEVICE)        # wider than any table, as in a graph
+    tables_in_graph[:, :len(rows[0])] = torch.tensor(rows)
+    batch = GraphBatch(pool, torch.tensor(inputs, device=DEVICE), tables_in_graph)
+    try:
+        pruned.set_attention("sdpa" if DEVICE == "cuda" else "triton")
+        with torch.inference_mode():
+            logits = pruned(batch.tokens, start_pos=batch.positions, cache=batch, last_only=True)[0]
+    finally:
+        pruned.set_attention("sdpa")
+    assert logits.shape == (4, 512)
+    for i, x in enumerate(ids):
+        reference, _ = alone(pruned, x, len(x) - 1)
+        assert error_of_largest(logits[i], reference) <= 1e-6

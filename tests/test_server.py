@@ -430,7 +430,7 @@ SERVE_FLAGS = [
     (["--block-size", "four"], "argument --block-size: must be a whole number of at least 1, got 'four'"),
     (["--token-budget", "8"], "--token-budget 8 is smaller than --max-running 16"),
     (["--tp", "2"], "llmlab serve runs in one process on one device, so --tp is 1"),
-    (["--compile", "default"], "llmlab serve cannot run this switch: compile, cuda_graphs"),
+    (["--compile", "default"], "llmlab serve cannot run this switch: compile, steps_per_graph"),
     (["--kernels", "fused-decode"], "kernels='fused-decode' build the fixed-shape decode step"),
     (["--speculative", "prompt-lookup:4"], "cannot run this switch: speculative decoding"),
     (["--kv-cache", "paged"], "kv_cache='paged' is the KV cache of one generation"),
@@ -438,7 +438,7 @@ SERVE_FLAGS = [
 
 
 @pytest.mark.bad_input(kind="llmlab serve with a bad scheduling flag (--max-running, --kv-blocks, --block-size, "
-                            "--token-budget) or a switch the scheduler cannot run (compile, cuda_graphs, fused-decode, "
+                            "--token-budget) or a switch the scheduler cannot run (compile, steps_per_graph, fused-decode, "
                             "speculative, tp > 1, a non-default kv_cache)",
                        gets="one error: line saying what serve runs, exit 2, before any model loads")
 @pytest.mark.parametrize("flags, message", SERVE_FLAGS, ids=[" ".join(f) for f, _ in SERVE_FLAGS])

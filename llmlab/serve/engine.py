@@ -32,8 +32,9 @@ STOP_TIMEOUT_S = 30             # how long shutdown waits for the step under way
 def check_serve_options(options: EngineOptions) -> None:
     """Refuse the switches the scheduler cannot run, rather than ignore them."""
     refused = [
-        (options.graph_ready, "compile, cuda_graphs, steps_per_graph and kernels='fused-decode' build the "
-                              "fixed-shape decode step of one generation"),
+        (options.compile != "none" or options.steps_per_graph > 1 or options.kernels == "fused-decode",
+         "compile, steps_per_graph and kernels='fused-decode' build the fixed-shape decode step of one "
+         "generation (the scheduler's own fixed-shape step is cuda_graphs=True)"),
         (options.speculative != "none", "speculative decoding guesses and checks the tokens of one sequence"),
         (options.tp > 1, "tensor parallelism needs one process per device"),
         (options.kv_cache != "static", f"kv_cache={options.kv_cache!r} is the KV cache of one generation"),
@@ -41,9 +42,9 @@ def check_serve_options(options: EngineOptions) -> None:
     for is_set, why in refused:
         if is_set:
             raise LlmlabError(f"llmlab serve cannot run this switch: {why}. It runs every request through the "
-                              f"continuous-batching scheduler: one eager forward over all running sequences per "
-                              f"step, on one device, with their KV in the scheduler's block pool in the model's "
-                              f"dtype. Leave the switch out (generate and bench take it)")
+                              f"continuous-batching scheduler: one forward over all running sequences per step "
+                              f"(eager, or a CUDA graph for a step of decodes), on one device, with their KV in "
+                              f"the scheduler's block pool in the model's dtype. Leave the switch out (generate and bench take it)")
 
 
 def make_scheduler(llm: LLM, max_running: int = 16, kv_blocks: int | None = None, block_size: int = 16,

@@ -49,6 +49,7 @@ preemptions): the Gantt chart of a notebook, and with each Request's times, TTFT
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable
@@ -64,6 +65,7 @@ from ..model import Transformer
 from ..sampling import SamplingParams, sample_on_device
 from .batch import SequenceChunk, forward_batch
 from .blocks import BlockManager, NoFreeBlocks
+from .graphs import DecodeGraphs
 
 
 @dataclass(eq=False)
@@ -138,7 +140,9 @@ class Scheduler:
     """Continuous batching over one model (the policy: the module docstring)."""
 
     def __init__(self, llm_or_model: LLM | Transformer, n_blocks: int, block_size: int = 16,
-                 max_running: int = 16, token_budget: int = 256):
+                 max_running: int = 16, token_budget: int = 256, cuda_graphs: bool | None = None):
+        """cuda_graphs: replay steps of decodes alone from CUDA graphs (llmlab.serve.graphs); None: the
+        llm's own cuda_graphs switch (False for a bare model)."""
         model = llm_or_model.model if isinstance(llm_or_model, LLM) else llm_or_model
         if not isinstance(model, Transformer):
             raise LlmlabError(f"Scheduler runs an llmlab model: give it llmlab.load(...) or its .model, "
@@ -156,7 +160,12 @@ class Scheduler:
         # own free list (BlockPool.allocate) knows nothing of it and would hand out blocks in use, so it
         # is never touched.
         weight = model.embed.weight
-        self.pool = BlockPool(model.config, n_blocks, block_size, dtype=weight.dtype, device=weight.device)
+        if cuda_graphs is None:
+            cuda_graphs = isinstance(llm_or_model, LLM) and llm_or_model.options.cuda_graphs
+        # graphs pad their steps with rows that write into one scratch block, past the BlockManager's
+        self.pool = BlockPool(model.config, n_blocks + bool(cuda_graphs), block_size, dtype=weight.dtype,
+                              device=weight.device)
+        self.graphs = DecodeGraphs(model, self.pool, max_running) if cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # in admission order: the last one is preempted first
         self.steps: list[Step] = []             # a long-running server clears it now and then
@@ -213,19 +222,24 @@ class Scheduler:
         planned, preempted = self._schedule()
         chunks = [SequenceChunk(self.blocks.block_table(r.id), r.n_computed, r.tokens[r.n_computed:r.n_computed + n])
                   for r, n, _ in planned]
-        logits = forward_batch(self.model, self.pool, chunks)
+        if self.graphs is not None and all(n == 1 for _, n, _ in planned):
+            logits = self.graphs(chunks)
+        else:
+            logits = forward_batch(self.model, self.pool, chunks)
         blocks_in_use = self.blocks.n_in_use
 
-        ran, new_tokens, finished = [], {}, []
-        for (request, n, hit), row in zip(planned, logits):
+        ran, sampling = [], []
+        for row, (request, n, hit) in enumerate(planned):
             decode = n == 1 and request.n_computed >= len(request.prompt)    # its token is one it sampled
             ran.append(Ran(request.id, "decode" if decode else "prefill", n, hit is not None, hit or 0))
             request.n_computed += n
             self.blocks.mark_computed(request.id, request.tokens[:request.n_computed])
             if request.n_to_run == 0:             # its prompt is all in: these logits pick its next token
-                new_tokens[request.id] = token = self._sample(request, row)
-                if self._finish(request, token):
-                    finished.append(request)
+                sampling.append((request, row))
+        new_tokens, finished = self._sample(sampling, logits), []
+        for request, _ in sampling:
+            if self._finish(request, new_tokens[request.id]):
+                finished.append(request)
         step = Step(self.n_steps, tuple(ran), new_tokens, tuple(finished), tuple(preempted), blocks_in_use,
                     start, time.perf_counter())
         self.steps.append(step)
@@ -296,20 +310,30 @@ class Scheduler:
                 if victim is request:
                     return False
 
-    def _sample(self, request: Request, logits: torch.Tensor) -> int:
-        """Draw the request's next token from its logits (vocab,), exactly as generate_tokens does, and
-        append it to its output."""
-        device = logits.device
-        seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)
-        seen[0, request.tokens] = True          # what the repetition penalty pushes down
-        position = torch.tensor([len(request.tokens)], device=device)    # of the token drawn now
-        token = sample_on_device(logits[None], request.sampling, torch.tensor([request.seed], device=device),
-                                 position, seen)
-        token = int(token)
-        request.output.append(token)
-        if request.first_token_time is None:
-            request.first_token_time = time.perf_counter()
-        return token
+    def _sample(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> dict:
+        """Draw each request's next token from its row of logits, exactly as generate_tokens does, and
+        append it to its output. Requests with the same SamplingParams are drawn in one call, so a
+        step of greedy decodes costs one argmax and one copy to the host, not one per sequence."""
+        groups: dict[SamplingParams, list[tuple[Request, int]]] = {}
+        for request, row in sampling:     # the seed is each request's own, passed beside the params
+            groups.setdefault(dataclasses.replace(request.sampling, seed=None), []).append((request, row))
+        new_tokens, now = {}, time.perf_counter()
+        for params, members in groups.items():
+            device, rows = logits.device, [row for _, row in members]
+            seen = None
+            if params.repetition_penalty != 1.0:     # what the penalty pushes down: each text's tokens so far
+                seen = torch.zeros(len(members), logits.shape[-1], dtype=torch.bool, device=device)
+                for i, (request, _) in enumerate(members):
+                    seen[i, request.tokens] = True
+            seeds = torch.tensor([r.seed for r, _ in members], device=device)
+            positions = torch.tensor([len(r.tokens) for r, _ in members], device=device)   # of the tokens drawn now
+            tokens = sample_on_device(logits[rows], params, seeds, positions, seen).tolist()
+            for (request, _), token in zip(members, tokens):
+                request.output.append(token)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                new_tokens[request.id] = token
+        return {request.id: new_tokens[request.id] for request, _ in sampling}      # in the step's order
 
     def _finish(self, request: Request, token: int) -> bool:
         """End the request if this token ends it, freeing its blocks at once."""
