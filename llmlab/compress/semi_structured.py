@@ -111,17 +111,27 @@ def weight_shapes(preset_name: str) -> dict[tuple[int, int], list[str]]:
     return shapes
 
 
-def median_ms(fn, warmup: int, repeats: int, calls: int) -> float:
-    """Median over `repeats` of the GPU time of `calls` back-to-back calls (CUDA events), per call."""
+def median_ms(fn, warmup: int, repeats: int, calls: int, graph: bool = False) -> float:
+    """Median over `repeats` of the GPU time of `calls` back-to-back calls (CUDA events), per call.
+    graph: the calls are captured once in a CUDA graph and the graph is replayed, so the host's launch
+    and set-up cost is not in the time: what is left is the kernels alone."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(calls):
+                fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            fn()
+        if graph:
+            captured.replay()
+        else:
+            for _ in range(calls):
+                fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
@@ -137,7 +147,8 @@ def time_shape(out_features: int, in_features: int, tokens: int, dtype: torch.dt
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, generator=generator)
     dense = F.linear(x, weight)
     row = {"out_features": out_features, "in_features": in_features, "tokens": tokens,
-           "dense_ms": median_ms(lambda: F.linear(x, weight), warmup, repeats, calls), "sparse": {}}
+           "dense_ms": median_ms(lambda: F.linear(x, weight), warmup, repeats, calls),
+           "dense_graph_ms": median_ms(lambda: F.linear(x, weight), warmup, repeats, calls, graph=True), "sparse": {}}
     for backend in BACKENDS:
         try:
             sparse_weight = to_sparse_2_4(weight, backend)
@@ -146,7 +157,12 @@ def time_shape(out_features: int, in_features: int, tokens: int, dtype: torch.dt
         except (RuntimeError, NotImplementedError) as e:     # e.g. CUTLASS's kernels are built for 8.x only
             row["sparse"][backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
             continue
-        row["sparse"][backend] = {"ms": ms, "speedup": row["dense_ms"] / ms,
+        try:
+            graph_ms = median_ms(lambda: F.linear(x, sparse_weight), warmup, repeats, calls, graph=True)
+            in_graph = {"graph_ms": graph_ms, "graph_speedup": row["dense_graph_ms"] / graph_ms}
+        except RuntimeError as e:                           # a backend whose call cannot be captured
+            in_graph = {"graph_error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        row["sparse"][backend] = {"ms": ms, "speedup": row["dense_ms"] / ms, **in_graph,
                                   "max_abs_error": (sparse.float() - dense.float()).abs().max().item(),
                                   "max_abs_output": dense.float().abs().max().item()}
     return row
@@ -175,6 +191,8 @@ def benchmark(device: str = "cuda", presets=BENCH_PRESETS, tokens=BENCH_TOKENS, 
                    f"algorithm, not searched). Each time is the median over "
                    f"{repeats} repeats of {calls} back-to-back calls between two CUDA events, divided by {calls}, "
                    f"after {warmup} warm-up calls: the host's launch cost is inside where it exceeds the kernel's. "
+                   f"graph_ms: the same {calls} calls captured once in a CUDA graph and replayed, median of "
+                   f"{repeats} replays, per call: the kernels alone, without the host's per-call cost. "
                    f"One weight is reused, so one that fits in L2 is read from there. A 1-token x is padded by "
                    f"PyTorch to the kernel's minimum rows inside the call, and that is timed too. max_abs_error is "
                    f"the largest |sparse - dense| output difference: the kernels sum in different orders, so the "
@@ -195,10 +213,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for row in report["results"]:
-        sparse = ", ".join(f"{name} {r['ms']:.4f} ms ({r['speedup']:.2f}x)" if "ms" in r else f"{name} failed"
-                           for name, r in row["sparse"].items())
+        sparse = ", ".join(f"{name} {r['ms']:.4f} ms ({r['speedup']:.2f}x), in a graph "
+                           + (f"{r['graph_ms']:.4f} ms ({r['graph_speedup']:.2f}x)" if "graph_ms" in r else "failed")
+                           if "ms" in r else f"{name} failed" for name, r in row["sparse"].items())
         print(f"{row['preset']:>13} {'/'.join(row['linears']):<12} {row['out_features']:>5}x{row['in_features']:<5} "
-              f"{row['dtype']} tokens {row['tokens']:>4}: dense {row['dense_ms']:.4f} ms, {sparse}")
+              f"{row['dtype']} tokens {row['tokens']:>4}: dense {row['dense_ms']:.4f} ms "
+              f"({row['dense_graph_ms']:.4f} in a graph), {sparse}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -25,6 +25,7 @@ from ..kv_cache import KV_CACHES, make_cache
 from ..llm import LLM, load
 from ..options import engine_options
 from ..validate import is_int
+from ..bench.report import device_name
 from .int8_dot import DOT_ROWS
 
 try:
@@ -155,15 +156,17 @@ def parse_format(name: str) -> tuple[dict, str | None]:
     return switches, kv_cache
 
 
-def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024, progress: bool = True) -> dict:
+def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024, progress: bool = True,
+                  device: str = "cpu") -> dict:
     """Each format ("fp32", "bf16", "int8", "int4-g32", "fp8", "kv-int8", ...) against the fp32 model
-    on n_tokens of the held-out plays, with the model's weight bytes."""
+    on n_tokens of the held-out plays, with the model's weight bytes. Every model is on `device`."""
     parsed = {name: parse_format(name) for name in formats}          # every name checked before any work
     check_n_tokens(n_tokens)
     quality.check_window(window, preset("smollm2-135m").max_seq_len)   # the bundled model's context, before it loads
-    reference = load(weights="fp32")
+    reference = load(weights="fp32", device=device)
     ids = held_out_ids(reference.tokenizer, n_tokens)
-    candidates = {name: (reference if switches == {"weights": "fp32"} and kv_cache is None else load(**switches),
+    candidates = {name: (reference if switches == {"weights": "fp32"} and kv_cache is None
+                         else load(**switches, device=device),
                          kv_cache)
                   for name, (switches, kv_cache) in parsed.items()}
     if progress:
@@ -172,5 +175,5 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
     results = {name: {"weights": switches["weights"], "group_size": switches.get("group_size"), "kv_cache": kv_cache,
                       "switches": switches, "model_bytes": model_bytes(candidates[name][0]), **scores[name]}
                for name, (switches, kv_cache) in parsed.items()}
-    return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
+    return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window, "device": device_name(reference.device),
             "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}
