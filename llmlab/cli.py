@@ -7,6 +7,7 @@
     llmlab info --model preset:llama-3.2-1b
     llmlab bench --dtype bf16 --compare hf --json bench.json
     llmlab bench --dtype bf16 --engine compile=none --engine compile=default,steps_per_graph=4
+    llmlab bench-serve --concurrency 1,4,16 --json serving.json     # llmlab.bench.serving: its flags are its own
 
 Every engine switch (llmlab.options.SWITCHES) is a flag of generate, chat, serve and bench, made from the
 registry: `--compile {none,default,...}`, `--cuda-graphs/--no-cuda-graphs`, `--steps-per-graph N`, ...
@@ -301,9 +302,10 @@ def switch_value(name: str, text: str, where: str):
     return text
 
 
-def parse_engine_spec(spec: str) -> dict:
-    """"compile=default,cuda_graphs=true,steps_per_graph=4" -> {"compile": "default", "cuda_graphs": True, ...}."""
-    where, switches = f"--engine {spec!r}", {}
+def parse_engine_spec(spec: str, flag: str = "--engine") -> dict:
+    """"compile=default,cuda_graphs=true,steps_per_graph=4" -> {"compile": "default", "cuda_graphs": True, ...};
+    flag: the option it came from, for the error messages."""
+    where, switches = f"{flag} {spec!r}", {}
     for item in spec.split(","):
         name, equals, text = (part.strip() for part in item.partition("="))
         name = name.replace("-", "_")
@@ -318,7 +320,7 @@ def parse_engine_spec(spec: str) -> dict:
     return switches
 
 
-def _with_base(base: dict, own: dict) -> dict:
+def with_base(base: dict, own: dict) -> dict:
     """An engine's switches: its own over the flags'. A float weight format is its own dtype and only
     int4 takes a group size, so where an engine names its weights, --dtype and --group-size give way."""
     switches = {**base, **own}
@@ -341,7 +343,7 @@ def bench_engines(args) -> list[EngineOptions]:
         for values in itertools.product(*lists.values()):
             listed = dict(zip(lists, values))
             try:
-                engines.append(engine_options(**_with_base(base, {**listed, **own})))
+                engines.append(engine_options(**with_base(base, {**listed, **own})))
             except LlmlabError as e:
                 raise LlmlabError(f"--engine {spec!r}: {e}" if spec is not None else str(e)) from None
     return engines
@@ -392,7 +394,7 @@ def cmd_eval(args) -> int:
     if args.window < 2:
         raise LlmlabError(f"--window {args.window}: a window needs at least 2 tokens (a context token and a "
                           f"predicted one); 1024 is the default")
-    report = quality_table(args.formats.split(","), n_tokens=args.tokens, window=args.window)
+    report = quality_table(args.formats.split(","), n_tokens=args.tokens, window=args.window, device=args.device)
     print(f"{report['tokens']:,} tokens of {', '.join(report['held_out_plays'])}; reference: {report['reference']}")
     width = max(10, *map(len, report["results"]))
     print(f"{'format':<{width}} {'MB':>7} {'perplexity':>11} {'KL (nats)':>10} {'top-1':>7}")
@@ -487,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the full report (every run, versions, method) here")
     p.set_defaults(func=cmd_bench)
 
+    # listed here for `llmlab --help`; main hands its arguments to llmlab.bench.serving, which parses them
+    commands.add_parser("bench-serve", add_help=False,
+                        help="serving under load: the continuous-batching scheduler against one request at a time "
+                             "and HF's static batches (llmlab bench-serve --help lists its flags)")
+
     p = commands.add_parser("eval", help="perplexity, KL and top-1 agreement of weight / KV formats against fp32")
     p.add_argument("--formats", default="fp32,bf16,fp16,int8,int4-g32,int4-g64,fp8,kv-int8",
                    help="comma-separated: fp32, bf16, fp16, int8, int4-gN, fp8, kv-int8 (an int8 KV cache); "
@@ -494,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=50_000, help="tokens of held-out Shakespeare (default 50,000)")
     p.add_argument("--window", type=int, default=1024, help="tokens per forward pass")
     p.add_argument("--json", metavar="PATH", help="write every number here")
+    p.add_argument("--device", default="cpu", help="where every model runs: cpu or cuda")
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -512,6 +520,9 @@ def launch_ranks(n: int, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-serve"]:
+        from .bench import serving
+        return serving.main(argv[1:], prog="llmlab bench-serve")
     args = build_parser().parse_args(argv)
     try:
         tp = getattr(args, "tp", None) or 1

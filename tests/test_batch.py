@@ -295,29 +295,35 @@ def test_per_token_positions_need_a_cache_that_attends():
         model(torch.tensor([[1, 2]]), start_pos=torch.tensor([[0, 5]]), cache=KVCache(TINY, 8))
 
 
-def test_the_graph_steps_views_give_the_same_logits(pruned):
-    """llmlab.serve.graphs reads a decode step through views of two tensors and pads it to its bucket
-    with decodes into a scratch block. Run eagerly here (the graph replays exactly these kernels; its
-    capture is tested on a GPU in test_scheduler): 3 decodes padded to 4, the kernel reading the context
-    lengths and block tables from those views, against each sequence alone. Same bound as above."""
+def test_a_graph_step_of_one_query_rows_gives_each_sequences_logits(pruned):
+    """llmlab.serve.graphs runs a step as rows of one query each: a prompt chunk of n tokens is n rows
+    sharing its sequence's block table, each attending to the positions up to its own. Run eagerly
+    here (the graph replays exactly these kernels; its capture is tested on a GPU in test_scheduler):
+    a 6-token chunk after 5 tokens already in the cache, a whole 4-token prompt, and two decodes, 12
+    rows padded to 16, read through the views the graph reads, against each sequence alone. Same bound
+    as above."""
     from llmlab.serve.graphs import GraphBatch, graph_inputs
-    lengths = [5, 11, 1]
-    ids = [torch.randint(512, (n + 1,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    lengths, cached = [11, 4, 7, 2], [5, 0, 6, 1]              # tokens in all, and before this step
+    ids = [torch.randint(512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
     pool = scrambled_pool(pruned.config, 24, 4, device=DEVICE)
     scratch = pool.allocate()
-    tables = [blocks_for(pool, len(x)) for x in ids]
-    forward_batch(pruned, pool, [SequenceChunk(t, 0, x[:-1]) for t, x in zip(tables, ids)])
-    inputs, rows = graph_inputs([SequenceChunk(t, len(x) - 1, x[-1:]) for t, x in zip(tables, ids)], 4, 4, scratch)
-    tables_in_graph = torch.full((4, 6), scratch, device=DEVICE)        # wider than any table, as in a graph
-    tables_in_graph[:, :len(rows[0])] = torch.tensor(rows)
-    batch = GraphBatch(pool, torch.tensor(inputs, device=DEVICE), tables_in_graph)
+    tables = [blocks_for(pool, n) for n in lengths]
+    forward_batch(pruned, pool, [SequenceChunk(t, 0, x[:c]) for t, x, c in zip(tables, ids, cached) if c])
+    chunks = [SequenceChunk(t, c, x[c:]) for t, x, c in zip(tables, ids, cached)]
+    max_running = 6
+    inputs, rows, last = graph_inputs(chunks, 16, max_running, 4, scratch)
+    assert last[:4] == [5, 9, 10, 11] and inputs[5][12:] == [max_running] * 4    # padding rows: the scratch table
+    tables_in_graph = torch.full((max_running + 1, 8), scratch, device=DEVICE)   # wider than any table, as in a graph
+    tables_in_graph[:len(rows), :len(rows[0])] = torch.tensor(rows)
+    batch = GraphBatch(pool, torch.tensor(inputs, device=DEVICE), tables_in_graph, torch.tensor(last, device=DEVICE))
     try:
         pruned.set_attention("sdpa" if DEVICE == "cuda" else "triton")
         with torch.inference_mode():
+            batch.gather_tables()
             logits = pruned(batch.tokens, start_pos=batch.positions, cache=batch, last_only=True)[0]
     finally:
         pruned.set_attention("sdpa")
-    assert logits.shape == (4, 512)
-    for i, x in enumerate(ids):
-        reference, _ = alone(pruned, x, len(x) - 1)
-        assert error_of_largest(logits[i], reference) <= 1e-6
+    assert logits.shape == (max_running, 512)
+    for i, (x, c) in enumerate(zip(ids, cached)):
+        reference, _ = alone(pruned, x, c)
+        assert error_of_largest(logits[i], reference) <= 1e-6, f"sequence {i}"

@@ -101,6 +101,7 @@ BAD_INPUTS = [
     (["bench", "--weights", "fp32,int3"], "invalid choice 'int3'"),
     (["generate", "hi", "--sparsity", "wanda-global:0.5"], "is not offered"),
     (["generate", "hi", "--speculative", "prompt-lookup:0"], "K must be an integer from 1 to 16"),
+    (["bench-serve", "--concurrency", "0"], "--concurrency takes requests in flight from 1 to 64"),   # its own flags
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["generate", "hi", "--device", "cuda"], "no CUDA GPU"))

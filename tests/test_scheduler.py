@@ -375,12 +375,13 @@ def staggered_trace(vocab_size: int, n_requests: int) -> list[Request]:
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_steps_match_the_eager_steps():
-    """Greedy, fp32, random weights, 40 requests arriving two a step, so steps of decodes pass through
-    many buckets while requests join and leave: every request's tokens with graphs equal the eager
-    scheduler's, and the graphs really ran. The logits of one step of 5 decodes (padded to 8) are
-    also compared directly, within 1e-4 of their scale: the eager step runs the same paged kernel, but
-    a matmul over 8 rows instead of 5 may sum in another order."""
+def test_cuda_graph_steps_match_the_eager_steps():
+    """Greedy, fp32, random weights, 40 requests arriving two a step: prompt chunks and decodes share
+    steps of many sizes while requests join and leave. Every request's tokens with graphs (every step
+    as one-query rows through the paged kernel) equal the eager scheduler's (prompts through the
+    PyTorch attention path), and the graphs really ran, for several buckets. The logits of one step of
+    5 decodes (padded to 8 rows) are also compared directly, within 1e-4 of their scale: the eager step
+    runs the same paged kernel, but a matmul over 8 rows instead of 5 may sum in another order."""
     import llmlab
     from llmlab.serve.batch import SequenceChunk, forward_batch
     llm = llmlab.load("preset:smollm2-135m", device="cuda", dtype="fp32")
@@ -392,7 +393,7 @@ def test_cuda_graph_decode_steps_match_the_eager_steps():
         outputs[graphs], graphed = [r.output for r in requests], scheduler
     assert outputs[True] == outputs[False]
     assert len(graphed.graphs.graphs) >= 4, sorted(graphed.graphs.graphs)
-    assert sum(all(r.kind == "decode" for r in step.ran) for step in graphed.steps) > 20
+    assert any(r.kind == "prefill" and r.n_tokens > 1 for step in graphed.steps for r in step.ran)
 
     scheduler = Scheduler(llm, n_blocks=64, block_size=16, max_running=8, cuda_graphs=True)
     chunks = [SequenceChunk(list(range(4 * i, 4 * i + 4)), 11 * i + 3, [100 + i]) for i in range(5)]

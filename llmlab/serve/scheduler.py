@@ -65,7 +65,7 @@ from ..model import Transformer
 from ..sampling import SamplingParams, sample_on_device
 from .batch import SequenceChunk, forward_batch
 from .blocks import BlockManager, NoFreeBlocks
-from .graphs import DecodeGraphs
+from .graphs import StepGraphs
 
 
 @dataclass(eq=False)
@@ -141,8 +141,8 @@ class Scheduler:
 
     def __init__(self, llm_or_model: LLM | Transformer, n_blocks: int, block_size: int = 16,
                  max_running: int = 16, token_budget: int = 256, cuda_graphs: bool | None = None):
-        """cuda_graphs: replay steps of decodes alone from CUDA graphs (llmlab.serve.graphs); None: the
-        llm's own cuda_graphs switch (False for a bare model)."""
+        """cuda_graphs: replay every step from CUDA graphs (llmlab.serve.graphs); None: the llm's own
+        cuda_graphs switch (False for a bare model)."""
         model = llm_or_model.model if isinstance(llm_or_model, LLM) else llm_or_model
         if not isinstance(model, Transformer):
             raise LlmlabError(f"Scheduler runs an llmlab model: give it llmlab.load(...) or its .model, "
@@ -165,7 +165,7 @@ class Scheduler:
         # graphs pad their steps with rows that write into one scratch block, past the BlockManager's
         self.pool = BlockPool(model.config, n_blocks + bool(cuda_graphs), block_size, dtype=weight.dtype,
                               device=weight.device)
-        self.graphs = DecodeGraphs(model, self.pool, max_running) if cuda_graphs else None
+        self.graphs = StepGraphs(model, self.pool, max_running, token_budget) if cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # in admission order: the last one is preempted first
         self.steps: list[Step] = []             # a long-running server clears it now and then
@@ -222,7 +222,7 @@ class Scheduler:
         planned, preempted = self._schedule()
         chunks = [SequenceChunk(self.blocks.block_table(r.id), r.n_computed, r.tokens[r.n_computed:r.n_computed + n])
                   for r, n, _ in planned]
-        if self.graphs is not None and all(n == 1 for _, n, _ in planned):
+        if self.graphs is not None:
             logits = self.graphs(chunks)
         else:
             logits = forward_batch(self.model, self.pool, chunks)
