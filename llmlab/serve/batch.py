@@ -19,9 +19,11 @@ Only three things need to know about sequences, and PagedBatch, handed to the mo
 - `update` writes each token's k, v into slot position % block_size of block table[position // block_size];
 - `attend` lets each token see its own sequence's keys at positions up to its own, and nothing else.
   The PyTorch path gathers each sequence's blocks into (batch, kv_heads, longest context, head_dim),
-  scatters the T queries into (batch, heads, longest chunk, head_dim), attends under one mask (causal
-  within a sequence, padding hidden) and picks the T outputs back out: no loop over sequences. A step
-  of decodes only can read the blocks where they lie instead (llmlab.kernels.paged_attention).
+  scatters the queries into (batch, heads, longest chunk, head_dim), attends under one mask (causal
+  within a sequence, padding hidden) and picks the outputs back out: no loop over sequences. It does
+  so twice, once for the step's decodes and once for its prompt chunks (AttentionGroup): padded to one
+  256-token chunk, fifteen one-token decodes would each attend 256 query rows, 255 of them padding. A
+  step of decodes only can read the blocks where they lie instead (llmlab.kernels.paged_attention).
 
 With last_only the head runs on each sequence's last new token only: the logits a scheduler samples from.
 """
@@ -62,13 +64,11 @@ class PagedBatch:
     def __init__(self, config: ModelConfig, pool: BlockPool, chunks: list[SequenceChunk], device):
         check_chunks(config, pool, chunks)
         self.pool, bs = pool, pool.block_size
-        tokens, positions, sequence, offset, write_blocks, last = [], [], [], [], [], []
-        for b, chunk in enumerate(chunks):
+        tokens, positions, write_blocks, last = [], [], [], []
+        for chunk in chunks:
             new = range(chunk.start_pos, chunk.start_pos + len(chunk.tokens))
             tokens += list(chunk.tokens)
             positions += new
-            sequence += [b] * len(new)
-            offset += range(len(new))                   # where the token's query sits in its sequence's chunk
             write_blocks += [chunk.block_table[p // bs] for p in new]
             last.append(len(tokens) - 1)
         slots = list(zip(write_blocks, (p % bs for p in positions)))
@@ -80,23 +80,15 @@ class PagedBatch:
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
         self.tokens, self.positions = tensor([tokens]), tensor([positions])                   # (1, T)
-        self.sequence, self.offset = tensor(sequence), tensor(offset)                       # (T,)
         self.write_blocks, self.write_offsets = tensor(write_blocks), self.positions[0] % bs  # (T,)
-        ends = [c.start_pos + len(c.tokens) for c in chunks]
-        self.last_tokens, self.context_lens = tensor(last), tensor(ends)                    # (batch,)
-        self.longest_context = max(ends)
-        longest_table = max(len(c.block_table) for c in chunks)
-        # padded with block 0: padding blocks are gathered but hidden by the mask, never read by the kernel
-        self.block_tables = tensor([list(c.block_table) + [0] * (longest_table - len(c.block_table)) for c in chunks])
+        self.last_tokens = tensor(last)                                                     # (batch,)
+        self.context_lens = tensor([c.start_pos + len(c.tokens) for c in chunks])
+        self.block_tables = padded_tables(chunks, tensor)
         self.all_decodes = all(len(c.tokens) == 1 for c in chunks)
-        # (batch, 1, longest chunk, longest context): query i of sequence b, at position start_b + i, sees
-        # the keys at positions up to its own. That one rule also hides every slot past the sequence's
-        # context (stale data, or padding blocks), which lies after all its real queries. Padding queries
-        # (i past the chunk) see the whole context, so no row is empty (its softmax would be NaN), and
-        # their outputs are never picked.
-        starts = tensor([c.start_pos for c in chunks])
-        query_positions = starts[:, None] + torch.arange(max(len(c.tokens) for c in chunks), device=device)
-        self.mask = attention_mask(query_positions, torch.arange(self.longest_context, device=device)[None])
+        first = [end - len(c.tokens) + 1 for end, c in zip(last, chunks)]     # each chunk's first row in T
+        decodes = [b for b, c in enumerate(chunks) if len(c.tokens) == 1]
+        prompts = [b for b, c in enumerate(chunks) if len(c.tokens) > 1]
+        self.groups = [AttentionGroup(chunks, members, first, tensor) for members in (decodes, prompts) if members]
 
     def update(self, layer: int, start_pos, k: torch.Tensor, v: torch.Tensor):
         """Write the T new keys and values, k and v (1, kv_heads, T, head_dim), into their slots; return the
@@ -114,20 +106,59 @@ class PagedBatch:
             out = triton_kernel("paged_attention").paged_decode_attention(
                 q[0].transpose(0, 1), pool_k, pool_v, self.block_tables, self.context_lens)   # (batch = T, heads, d)
             return out.transpose(0, 1)[None]
+        attention = naive_attention if backend == "naive" else sdpa_attention   # Triton's flash kernel takes no mask
+        out = torch.empty_like(q)
+        for group in self.groups:
+            out[0, :, group.rows] = group.attend(q, pool_k, pool_v, attention)
+        return out
+
+
+def padded_tables(chunks: list[SequenceChunk], tensor) -> torch.Tensor:
+    """The chunks' block tables as one (len(chunks), longest table) tensor, padded with block 0: padding
+    blocks are gathered but hidden by the mask, never read by the kernel."""
+    longest = max(len(c.block_table) for c in chunks)
+    return tensor([list(c.block_table) + [0] * (longest - len(c.block_table)) for c in chunks])
+
+
+class AttentionGroup:
+    """Some of a step's sequences (`members`, indices into chunks), attended together by the PyTorch
+    path: their blocks gathered into (sequences, kv_heads, longest context, head_dim) and their queries
+    padded to the group's longest chunk. `first`: each chunk's first row in the step's flattened T."""
+
+    def __init__(self, chunks: list[SequenceChunk], members: list[int], first: list[int], tensor):
+        rows, sequence, offset = [], [], []
+        for g, b in enumerate(members):
+            n = len(chunks[b].tokens)
+            rows += range(first[b], first[b] + n)
+            sequence += [g] * n
+            offset += range(n)                      # where the token's query sits in its sequence's chunk
+        self.rows, self.sequence, self.offset = tensor(rows), tensor(sequence), tensor(offset)
+        group = [chunks[b] for b in members]
+        self.longest_context = max(c.start_pos + len(c.tokens) for c in group)
+        self.block_tables = padded_tables(group, tensor)
+        # (sequences, 1, longest chunk, longest context): query i of sequence g, at position start_g + i,
+        # sees the keys at positions up to its own. That one rule also hides every slot past the
+        # sequence's context (stale data, or padding blocks), which lies after all its real queries.
+        # Padding queries (i past the chunk) see the whole context, so no row is empty (its softmax
+        # would be NaN), and their outputs are never picked.
+        query_positions = tensor([c.start_pos for c in group])[:, None] + tensor(range(max(len(c.tokens) for c in group)))
+        self.mask = attention_mask(query_positions, tensor(range(self.longest_context))[None])
+
+    def attend(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, attention) -> torch.Tensor:
+        """q (1, heads, T, head_dim) of the whole step -> (heads, the group's tokens, head_dim)."""
         keys, values = self.gather(pool_k).to(q.dtype), self.gather(pool_v).to(q.dtype)
         heads, head_dim = q.shape[1], q.shape[3]
-        queries = q.new_zeros(len(self.last_tokens), heads, self.mask.shape[2], head_dim)
-        queries[self.sequence, :, self.offset] = q[0].transpose(0, 1)   # token t -> its sequence's row, offset
-        attention = naive_attention if backend == "naive" else sdpa_attention   # Triton's flash kernel takes no mask
-        out = attention(queries, keys, values, self.mask)      # (batch, heads, longest chunk, head_dim)
-        return out[self.sequence, :, self.offset].transpose(0, 1)[None]
+        queries = q.new_zeros(len(self.block_tables), heads, self.mask.shape[2], head_dim)
+        queries[self.sequence, :, self.offset] = q[0, :, self.rows].transpose(0, 1)   # token -> its row, offset
+        out = attention(queries, keys, values, self.mask)      # (sequences, heads, longest chunk, head_dim)
+        return out[self.sequence, :, self.offset].transpose(0, 1)
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
-        """A pool (kv_heads, n_blocks, block_size, head_dim) -> every sequence's positions in order,
-        (batch, kv_heads, longest context, head_dim): one copy through the padded block tables."""
+        """A pool (kv_heads, n_blocks, block_size, head_dim) -> every member's positions in order,
+        (sequences, kv_heads, longest context, head_dim): one copy through the padded block tables."""
         kv_heads, head_dim = pool.shape[0], pool.shape[3]
-        blocks = pool[:, self.block_tables]                # (kv_heads, batch, blocks, block_size, head_dim)
-        by_sequence = blocks.transpose(0, 1).reshape(len(self.last_tokens), kv_heads, -1, head_dim)
+        blocks = pool[:, self.block_tables]                # (kv_heads, sequences, blocks, block_size, head_dim)
+        by_sequence = blocks.transpose(0, 1).reshape(len(self.block_tables), kv_heads, -1, head_dim)
         return by_sequence[:, :, :self.longest_context]
 
 
