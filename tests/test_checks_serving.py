@@ -21,7 +21,8 @@ def padding_waste(lengths, batch_size):
     return 1 - sum(lengths) / slots
 
 
-def blocks_for(prompt, computed, block_size):
+def shared_blocks(prompt, computed, block_size):
+    """The most whole leading blocks the prompt shares with any computed sequence."""
     hit_blocks = 0
     for tokens in computed:
         n = 0
@@ -29,7 +30,11 @@ def blocks_for(prompt, computed, block_size):
                 prompt[:(n + 1) * block_size] == tokens[:(n + 1) * block_size]:
             n += 1
         hit_blocks = max(hit_blocks, n)
-    hit_blocks = min(hit_blocks, (len(prompt) - 1) // block_size)
+    return hit_blocks
+
+
+def blocks_for(prompt, computed, block_size):
+    hit_blocks = min(shared_blocks(prompt, computed, block_size), (len(prompt) - 1) // block_size)
     return hit_blocks * block_size, -(-len(prompt) // block_size) - hit_blocks
 
 
@@ -61,13 +66,7 @@ def blocks_unchained(prompt, computed, block_size):
 
 
 def blocks_whole_last_block(prompt, computed, block_size):
-    hit_blocks = 0
-    for tokens in computed:
-        n = 0
-        while (n + 1) * block_size <= min(len(prompt), len(tokens)) and \
-                prompt[:(n + 1) * block_size] == tokens[:(n + 1) * block_size]:
-            n += 1
-        hit_blocks = max(hit_blocks, n)
+    hit_blocks = shared_blocks(prompt, computed, block_size)
     return hit_blocks * block_size, -(-len(prompt) // block_size) - hit_blocks
 
 
