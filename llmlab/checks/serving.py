@@ -260,23 +260,22 @@ def check_acceptance_rule(accept_probability, residual_distribution, real: tuple
         if excess.sum() == 0:                                     # p == q: nothing is ever refused
             continue
         want_r = excess / excess.sum()
-        if torch.allclose(residual, want_r, atol=1e-9):
-            pass
-        elif (residual < -1e-12).any():
-            raise AssertionError(f"{where}: the residual has negative entries; keep only where the model has more "
-                                 f"than the draft: max(0, p - q)")
-        elif torch.allclose(residual, excess, atol=1e-9):
-            raise AssertionError(f"{where}: max(0, p - q) sums to {excess.sum().item():.3f}, not 1: normalise it")
-        elif torch.allclose(residual, torch.clamp(q - p, min=0) / torch.clamp(q - p, min=0).sum(), atol=1e-9):
-            raise AssertionError(f"{where}: that is max(0, q - p), the tokens the draft overrates; a refusal must "
-                                 f"make up what the model is missing: max(0, p - q)")
-        elif torch.allclose(residual, p, atol=1e-9):
-            raise AssertionError(f"{where}: resampling from p after a refusal gives the tokens the draft already had "
-                                 f"its chance at a second chance: the output is no longer distributed as p. Draw "
-                                 f"from norm(max(0, p - q))")
-        else:
-            raise AssertionError(f"{where}: expected norm(max(0, p - q)); yours differs by up to "
-                                 f"{(residual - want_r).abs().max().item():.3g}")
+        if not torch.allclose(residual, want_r, atol=1e-9):
+            if (residual < -1e-12).any():
+                raise AssertionError(f"{where}: the residual has negative entries; keep only where the model has more "
+                                     f"than the draft: max(0, p - q)")
+            elif torch.allclose(residual, excess, atol=1e-9):
+                raise AssertionError(f"{where}: max(0, p - q) sums to {excess.sum().item():.3f}, not 1: normalise it")
+            elif torch.allclose(residual, torch.clamp(q - p, min=0) / torch.clamp(q - p, min=0).sum(), atol=1e-9):
+                raise AssertionError(f"{where}: that is max(0, q - p), the tokens the draft overrates; a refusal must "
+                                     f"make up what the model is missing: max(0, p - q)")
+            elif torch.allclose(residual, p, atol=1e-9):
+                raise AssertionError(f"{where}: resampling from p after a refusal gives the tokens the draft "
+                                     f"already had its chance at a second chance: the output is no longer "
+                                     f"distributed as p. Draw from norm(max(0, p - q))")
+            else:
+                raise AssertionError(f"{where}: expected norm(max(0, p - q)); yours differs by up to "
+                                     f"{(residual - want_r).abs().max().item():.3g}")
         # The theorem: keep x ~ q with a(x), else draw from r: the token is distributed exactly as p.
         out = q * accept + (q * (1 - accept)).sum() * residual
         assert torch.allclose(out, p, atol=1e-9), (
