@@ -259,7 +259,7 @@ def hf_batches(model, log: list):
 
 def new_scheduler(llm: LLM, trace: list[TraceRequest], concurrency: int, settings: ServingSettings) -> Scheduler:
     """The scheduler of every run at one concurrency: made once, so that what it builds on first use
-    (with cuda_graphs, a graph per batch size) is built in the untimed round. Its pool: --kv-blocks, or
+    (with cuda_graphs, a graph per step size) is built in the untimed round. Its pool: --kv-blocks, or
     room for C of the trace's longest requests."""
     s = settings
     n_blocks = s.kv_blocks or concurrency * -(-max(len(r.prompt) + r.max_new_tokens for r in trace) // s.block_size)

@@ -25,7 +25,6 @@ from ..kv_cache import KV_CACHES, make_cache
 from ..llm import LLM, load
 from ..options import engine_options
 from ..validate import is_int
-from ..bench.report import device_name
 from .int8_dot import DOT_ROWS
 
 try:
@@ -163,6 +162,7 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
     parsed = {name: parse_format(name) for name in formats}          # every name checked before any work
     check_n_tokens(n_tokens)
     quality.check_window(window, preset("smollm2-135m").max_seq_len)   # the bundled model's context, before it loads
+    from ..bench.report import device_name       # here: the bench package is heavy, and only the report needs it
     reference = load(weights="fp32", device=device)
     ids = held_out_ids(reference.tokenizer, n_tokens)
     candidates = {name: (reference if switches == {"weights": "fp32"} and kv_cache is None
@@ -175,5 +175,6 @@ def quality_table(formats: list[str], n_tokens: int = 50_000, window: int = 1024
     results = {name: {"weights": switches["weights"], "group_size": switches.get("group_size"), "kv_cache": kv_cache,
                       "switches": switches, "model_bytes": model_bytes(candidates[name][0]), **scores[name]}
                for name, (switches, kv_cache) in parsed.items()}
-    return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window, "device": device_name(reference.device),
+    return {"held_out_plays": list(HELD_OUT_PLAYS), "tokens": len(ids), "window": window,
+            "device": device_name(reference.device),
             "reference": "the shipped Q4_1 GGUF dequantized to fp32", "results": results}

@@ -141,7 +141,8 @@ class AttentionGroup:
         # sequence's context (stale data, or padding blocks), which lies after all its real queries.
         # Padding queries (i past the chunk) see the whole context, so no row is empty (its softmax
         # would be NaN), and their outputs are never picked.
-        query_positions = tensor([c.start_pos for c in group])[:, None] + tensor(range(max(len(c.tokens) for c in group)))
+        longest_chunk = max(len(c.tokens) for c in group)
+        query_positions = tensor([c.start_pos for c in group])[:, None] + tensor(range(longest_chunk))
         self.mask = attention_mask(query_positions, tensor(range(self.longest_context))[None])
 
     def attend(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, attention) -> torch.Tensor:

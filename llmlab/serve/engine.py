@@ -43,8 +43,9 @@ def check_serve_options(options: EngineOptions) -> None:
         if is_set:
             raise LlmlabError(f"llmlab serve cannot run this switch: {why}. It runs every request through the "
                               f"continuous-batching scheduler: one forward over all running sequences per step "
-                              f"(eager, or a CUDA graph for a step of decodes), on one device, with their KV in "
-                              f"the scheduler's block pool in the model's dtype. Leave the switch out (generate and bench take it)")
+                              f"(eager, or replayed from a CUDA graph with cuda_graphs), on one device, with their "
+                              f"KV in the scheduler's block pool in the model's dtype. Leave the switch out "
+                              f"(generate and bench take it)")
 
 
 def make_scheduler(llm: LLM, max_running: int = 16, kv_blocks: int | None = None, block_size: int = 16,

@@ -47,6 +47,12 @@ def buckets(max_tokens: int) -> tuple[int, ...]:
     return small + tuple(range(32, max_tokens + 32, 32))
 
 
+def padding_row(scratch: int, max_running: int) -> tuple[int, ...]:
+    """A padding row's column of `inputs`: token 0 at position 0, a context of one, written into slot 0
+    of the scratch block, its table the scratch row (the last of `tables`)."""
+    return 0, 0, 1, scratch, 0, max_running
+
+
 def graph_inputs(chunks: list[SequenceChunk], size: int, max_running: int, block_size: int, scratch: int):
     """A step as the graph reads it, padded to `size` rows: (inputs (6, size), tables (sequences, longest
     table), last (max_running,)) as lists. Table entries past the longest table are never read."""
@@ -58,7 +64,7 @@ def graph_inputs(chunks: list[SequenceChunk], size: int, max_running: int, block
                                            position % block_size, s)):
                 row.append(value)
     padding = size - len(inputs[0])
-    for row, value in zip(inputs, (0, 0, 1, scratch, 0, max_running)):    # the scratch table is the last row
+    for row, value in zip(inputs, padding_row(scratch, max_running)):
         row += [value] * padding
     width = max(len(c.block_table) for c in chunks)
     tables = [list(c.block_table) + [scratch] * (width - len(c.block_table)) for c in chunks]
@@ -135,8 +141,8 @@ class StepGraphs:
         """Record one step of `size` rows, all padding; returns (graph, the GraphBatch it reads, its
         logits). The batch must live as long as the graph: the graph reads its tensors' memory, and
         memory freed would be handed to other tensors while the graph still reads it."""
-        inputs = torch.tensor([[0] * size, [0] * size, [1] * size, [self.scratch] * size, [0] * size,
-                               [self.max_running] * size], dtype=torch.long, device=self.device)
+        inputs = torch.tensor([[value] * size for value in padding_row(self.scratch, self.max_running)],
+                              dtype=torch.long, device=self.device)
         tables = torch.full((self.max_running + 1, self.max_blocks), self.scratch, dtype=torch.long, device=self.device)
         last = torch.zeros(self.max_running, dtype=torch.long, device=self.device)
         batch = GraphBatch(self.pool, inputs, tables, last)
