@@ -3,7 +3,7 @@ engine at fixed shapes.
 
 A step on a small model does little arithmetic and launches hundreds of kernels: eager PyTorch pays
 ~5-10 us of host time per launch, so the GPU waits on Python (an eager step of the 1B preset takes
-~10-20 ms on an H200 whatever it holds; its graph takes 2-4 ms). A CUDA graph records the launches once
+~9-20 ms on an H200 whatever it holds; its graph takes 2-4 ms). A CUDA graph records the launches once
 and replays them with one call, but it replays exactly what it recorded: the same shapes, the same
 memory. So a graph is recorded per step size, and a step is padded up to the nearest bucket.
 
