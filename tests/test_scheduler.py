@@ -375,20 +375,24 @@ def staggered_trace(vocab_size: int, n_requests: int) -> list[Request]:
 
 
 @pytest.mark.gpu
-def test_cuda_graph_steps_match_the_eager_steps():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_graph_steps_match_the_eager_steps(kernels):
     """Greedy, fp32, random weights, 40 requests arriving two a step: prompt chunks and decodes share
     steps of many sizes while requests join and leave. Every request's tokens with graphs (every step
-    as one-query rows through the paged kernel) equal the eager scheduler's (prompts through the
-    PyTorch attention path), and the graphs really ran, for several buckets. The logits of one step of
-    5 decodes (padded to 8 rows) are also compared directly, within 1e-4 of their scale: the eager step
-    runs the same paged kernel, but a matmul over 8 rows instead of 5 may sum in another order."""
+    as one-query rows through the paged kernel; with kernels="triton", RMSNorm, RoPE and SwiGLU as
+    Triton kernels too) equal the eager PyTorch scheduler's (prompts through the PyTorch attention
+    path), and the graphs really ran, for several buckets. The logits of one step of 5 decodes (padded
+    to 8 rows) are also compared directly, within 1e-4 of their scale: the eager step runs the same
+    paged kernel, but a matmul over 8 rows instead of 5 may sum in another order."""
     import llmlab
     from llmlab.serve.batch import SequenceChunk, forward_batch
-    llm = llmlab.load("preset:smollm2-135m", device="cuda", dtype="fp32")
+    eager = llmlab.load("preset:smollm2-135m", device="cuda", dtype="fp32")
+    llm = llmlab.load("preset:smollm2-135m", device="cuda", dtype="fp32", kernels=kernels)   # the same weights: seed 0
     outputs, graphed = {}, None
     for graphs in (False, True):
         requests = staggered_trace(llm.config.vocab_size, 40)
-        scheduler = Scheduler(llm, n_blocks=240, block_size=16, max_running=40, token_budget=256, cuda_graphs=graphs)
+        scheduler = Scheduler(llm if graphs else eager, n_blocks=240, block_size=16, max_running=40,
+                              token_budget=256, cuda_graphs=graphs)
         drive(scheduler, {i // 2: requests[i:i + 2] for i in range(0, 40, 2)})
         outputs[graphs], graphed = [r.output for r in requests], scheduler
     assert outputs[True] == outputs[False]
@@ -400,7 +404,7 @@ def test_cuda_graph_steps_match_the_eager_steps():
     with torch.inference_mode():
         for pool in scheduler.pool.k + scheduler.pool.v:     # keys and values to attend at earlier positions
             pool.normal_()
-        expected = forward_batch(llm.model, scheduler.pool, chunks).clone()
+        expected = forward_batch(eager.model, scheduler.pool, chunks).clone()
         got = scheduler.graphs(chunks)
     assert got.shape == expected.shape == (5, llm.config.vocab_size)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -56,16 +56,13 @@ def padding_row(scratch: int, max_running: int) -> tuple[int, ...]:
 def graph_inputs(chunks: list[SequenceChunk], size: int, max_running: int, block_size: int, scratch: int):
     """A step as the graph reads it, padded to `size` rows: (inputs (6, size), tables (sequences, longest
     table), last (max_running,)) as lists. Table entries past the longest table are never read."""
-    inputs = [[], [], [], [], [], []]
+    rows = []           # one (token, position, context, block, slot, sequence) per token: built per row, then transposed
     for s, chunk in enumerate(chunks):
-        for i, token in enumerate(chunk.tokens):
-            position = chunk.start_pos + i
-            for row, value in zip(inputs, (token, position, position + 1, chunk.block_table[position // block_size],
-                                           position % block_size, s)):
-                row.append(value)
-    padding = size - len(inputs[0])
-    for row, value in zip(inputs, padding_row(scratch, max_running)):
-        row += [value] * padding
+        table = chunk.block_table
+        rows += [(token, p, p + 1, table[p // block_size], p % block_size, s)
+                 for p, token in enumerate(chunk.tokens, chunk.start_pos)]
+    rows += [padding_row(scratch, max_running)] * (size - len(rows))
+    inputs = [list(column) for column in zip(*rows)]
     width = max(len(c.block_table) for c in chunks)
     tables = [list(c.block_table) + [scratch] * (width - len(c.block_table)) for c in chunks]
     last, end = [0] * max_running, -1          # padding sequences point at row 0: their logits are not read

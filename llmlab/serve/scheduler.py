@@ -86,6 +86,8 @@ class Request:
     # the scheduler's bookkeeping
     n_computed: int = field(default=0, init=False, repr=False)   # leading tokens whose KV is in its blocks
     seed: int = field(default=0, init=False, repr=False)         # sampling.seed, or one drawn at add
+    # sampling without its seed: requests alike in it are drawn in one call (Scheduler._sample)
+    sampling_group: SamplingParams | None = field(default=None, init=False, repr=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -210,6 +212,7 @@ class Scheduler:
                               f"pool larger, or ask for fewer tokens.")
         seed = request.sampling.seed
         request.seed = int(torch.randint(2**62, ())) if seed is None else seed   # as generate_tokens draws one
+        request.sampling_group = dataclasses.replace(request.sampling, seed=None)
         request.arrival_time = time.perf_counter()
         self.waiting.append(request)
 
@@ -316,23 +319,32 @@ class Scheduler:
         step of greedy decodes costs one argmax and one copy to the host, not one per sequence."""
         groups: dict[SamplingParams, list[tuple[Request, int]]] = {}
         for request, row in sampling:     # the seed is each request's own, passed beside the params
-            groups.setdefault(dataclasses.replace(request.sampling, seed=None), []).append((request, row))
-        new_tokens, now = {}, time.perf_counter()
+            groups.setdefault(request.sampling_group, []).append((request, row))
+        new_tokens, argmax = {}, None
         for params, members in groups.items():
-            device, rows = logits.device, [row for _, row in members]
-            seen = None
-            if params.repetition_penalty != 1.0:     # what the penalty pushes down: each text's tokens so far
-                seen = torch.zeros(len(members), logits.shape[-1], dtype=torch.bool, device=device)
-                for i, (request, _) in enumerate(members):
-                    seen[i, request.tokens] = True
-            seeds = torch.tensor([r.seed for r, _ in members], device=device)
-            positions = torch.tensor([len(r.tokens) for r, _ in members], device=device)   # of the tokens drawn now
-            tokens = sample_on_device(logits[rows], params, seeds, positions, seen).tolist()
+            rows = [row for _, row in members]
+            if params.is_greedy and params.repetition_penalty == 1.0:
+                # every row's argmax at once, whatever the groups: the host waits on the device once a
+                # step, not three times (seeds, positions, tokens). The argmax of bf16 logits is that of
+                # their fp32 cast, which sample_on_device takes: the cast is exact and keeps the order.
+                argmax = logits.argmax(dim=-1).tolist() if argmax is None else argmax
+                tokens = [argmax[row] for row in rows]
+            else:
+                device, seen = logits.device, None
+                if params.repetition_penalty != 1.0:     # what the penalty pushes down: each text's tokens so far
+                    seen = torch.zeros(len(members), logits.shape[-1], dtype=torch.bool, device=device)
+                    for i, (request, _) in enumerate(members):
+                        seen[i, request.tokens] = True
+                seeds = torch.tensor([r.seed for r, _ in members], device=device)
+                positions = torch.tensor([len(r.tokens) for r, _ in members], device=device)   # of the tokens drawn now
+                tokens = sample_on_device(logits[rows], params, seeds, positions, seen).tolist()
             for (request, _), token in zip(members, tokens):
                 request.output.append(token)
-                if request.first_token_time is None:
-                    request.first_token_time = now
                 new_tokens[request.id] = token
+        now = time.perf_counter()
+        for request, _ in sampling:
+            if request.first_token_time is None:
+                request.first_token_time = now
         return {request.id: new_tokens[request.id] for request, _ in sampling}      # in the step's order
 
     def _finish(self, request: Request, token: int) -> bool:
