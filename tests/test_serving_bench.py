@@ -43,6 +43,24 @@ def test_the_trace_is_the_same_for_a_seed_and_within_its_bounds(llm):
     assert many[-1].arrival / len(many) == pytest.approx(0.25, rel=0.1)
 
 
+def test_a_speeches_trace_asks_for_as_many_tokens_as_the_speech_that_follows_its_prompt(llm):
+    """Each prompt ends with a speaker's name; found in the play's text by its last 40 tokens, the speech
+    that follows (up to the next name, found here with its own search) has as many tokens as the request
+    asks for, held within --output-tokens."""
+    settings = dataclasses.replace(TINY, n_requests=12, prompt_tokens=(60, 80), output_tokens=(3, 30),
+                                   lengths="speeches")     # 40 tokens past the shared opening: found only once
+    trace, text = make_trace(llm.tokenizer, settings, llm.config), serving.held_out_text()
+    assert trace == make_trace(llm.tokenizer, settings, llm.config)
+    for request in trace:
+        tail = llm.tokenizer.decode(list(request.prompt[-40:]))
+        assert any(name.end() == len(tail) for name in serving.SPEECH.finditer(tail)), tail
+        start = text.index(tail) + len(tail)
+        end = serving.SPEECH.search(text, start).start()
+        n_speech = len(llm.tokenizer.encode(text[start:end]))
+        assert request.max_new_tokens == min(max(n_speech, 3), 30)
+    assert len({r.max_new_tokens for r in trace}) > 3     # lengths vary, as speeches do
+
+
 @pytest.mark.bad_input(kind="serving bench: a trace the model cannot run (token ids past its vocabulary, requests "
                             "longer than its context)", gets="LlmlabError naming the ids or the length")
 def test_a_trace_the_model_cannot_run_is_refused(llm):

@@ -40,6 +40,7 @@ import itertools
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -63,6 +64,9 @@ from .engines import load_hf_model, sync
 from .report import device_name, load_average, stderr_progress, versions, write_json
 
 ENGINES = ("batch-1", "scheduler", "hf")
+LENGTHS = ("uniform", "speeches")
+# A speaker's name alone on its line, as the plays' text sets it: a speech begins after it.
+SPEECH = re.compile(r"\n\n[A-Z][A-Z' ,-]*\.\n")
 MAX_REQUESTS, MAX_CONCURRENCY, MAX_PROMPT, MAX_OUTPUT = 1024, 64, 1024, 512
 # what the issue asks of continuous batching, by device type: (engine, C) over (engine, C) at least this many times
 TARGETS = {"cpu": ((("scheduler", 16), ("batch-1", 1), 4.0), (("scheduler", 16), ("hf", 16), 1.5)),
@@ -85,8 +89,11 @@ class TraceSettings:
     shared_fraction: float = 0.5
     rate: float | None = None                       # requests per second (open loop); None: closed loop
     seed: int = 0
+    lengths: str = "uniform"                        # of the outputs: "uniform", or "speeches" (real ones)
 
     def __post_init__(self):
+        if self.lengths not in LENGTHS:
+            raise LlmlabError(f"--lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
         if not is_int(self.n_requests) or not 1 <= self.n_requests <= MAX_REQUESTS:
             raise LlmlabError(f"--requests must be 1 to {MAX_REQUESTS} (every engine runs the whole trace, which "
                               f"is held in memory), got {self.n_requests!r}")
@@ -144,14 +151,26 @@ class TraceRequest:
 def make_trace(tokenizer, settings: TraceSettings, config: ModelConfig) -> list[TraceRequest]:
     """The same requests for the same settings, whatever the rate: arrivals are drawn after them. The
     shared opening is the held-out text's first tokens (the title and cast of The Winter's Tale); the
-    passages come from after it. Refused if the model cannot run it: a preset takes the bundled
-    tokenizer's ids, which must index its embedding, and every request must fit its context."""
+    passages come from after it. With lengths="speeches" each prompt ends where a speech of the play
+    begins, and asks for as many tokens as that speech has (within --output-tokens): the outputs are
+    as long as real answers, many short and a few long, not spread evenly. Refused if the model cannot
+    run it: a preset takes the bundled tokenizer's ids, which must index its embedding, and every
+    request must fit its context."""
     rng, s = random.Random(settings.seed), settings
-    ids = tokenizer.encode(held_out_text())
+    if s.lengths == "speeches":
+        ids, speeches = speech_tokens(tokenizer, held_out_text())
+        speeches = [(start, n) for start, n in speeches if start >= s.prompt_tokens[1]]
+    else:
+        ids = tokenizer.encode(held_out_text())
     opening, drawn = ids[:s.shared_prefix], []
     for _ in range(s.n_requests):
-        n_prompt, n_new = rng.randint(*s.prompt_tokens), rng.randint(*s.output_tokens)
-        start = rng.randrange(s.shared_prefix, len(ids) - n_prompt)
+        n_prompt = rng.randint(*s.prompt_tokens)
+        if s.lengths == "speeches":
+            end, n_speech = speeches[rng.randrange(len(speeches))]
+            start, n_new = end - n_prompt, min(max(n_speech, s.output_tokens[0]), s.output_tokens[1])
+        else:
+            n_new = rng.randint(*s.output_tokens)
+            start = rng.randrange(s.shared_prefix, len(ids) - n_prompt)
         shared = s.shared_prefix > 0 and rng.random() < s.shared_fraction
         prompt = (opening + ids[start + s.shared_prefix:start + n_prompt]) if shared else ids[start:start + n_prompt]
         drawn.append((tuple(prompt), n_new, shared))
@@ -168,6 +187,22 @@ def make_trace(tokenizer, settings: TraceSettings, config: ModelConfig) -> list[
         gaps = [rng.expovariate(s.rate) for _ in drawn]     # Poisson arrivals: exponential gaps
         arrivals = list(itertools.accumulate(gaps))
     return [TraceRequest(*request, arrival) for request, arrival in zip(drawn, arrivals)]
+
+
+def speech_tokens(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The text's token ids, and (index of its first token, its length in tokens) for every speech: what
+    a character says after their name, up to the next name (a stage direction in between counts).
+    Tokenized piece by piece, names apart, so that every speech starts on a token boundary."""
+    ids, starts, ends, at = [], [], [], 0
+    for name in SPEECH.finditer(text):
+        ids += tokenizer.encode(text[at:name.start()])
+        ends.append(len(ids))
+        ids += tokenizer.encode(text[name.start():name.end()])
+        starts.append(len(ids))
+        at = name.end()
+    ids += tokenizer.encode(text[at:])
+    ends.append(len(ids))
+    return ids, [(start, end - start) for start, end in zip(starts, ends[1:])]
 
 
 @dataclass
@@ -411,6 +446,10 @@ def method_text(trace: TraceSettings, settings: ServingSettings, models: dict, t
                 f"open loop: Poisson arrivals at {t.rate:g} requests/s (exponential gaps drawn with the trace), "
                 f"whether the engine keeps up or not; C bounds what runs at once")
     weights = "random weights of that shape" if llm.source.startswith("preset:") else "its weights"
+    outputs = (f"outputs of {t.output_tokens[0]}-{t.output_tokens[1]} tokens (uniform)" if t.lengths == "uniform" else
+               f"each prompt ends where a speech of the play begins (after the speaker's name) and asks for as many "
+               f"tokens as that speech has, held within {t.output_tokens[0]}-{t.output_tokens[1]}: output lengths "
+               f"of real text (speeches drawn uniformly among those at least {t.prompt_tokens[1]} tokens in)")
     text = (
         f"In-process load generator: the engines' Python APIs are called directly, no HTTP (a transport would "
         f"cost every engine the same). Model {llm.source} ({weights}), {threads} threads. "
@@ -418,7 +457,7 @@ def method_text(trace: TraceSettings, settings: ServingSettings, models: dict, t
         f"tokens (uniform), each a passage of the held-out plays ({', '.join(HELD_OUT_PLAYS)}) at a random place, "
         f"tokenized by llmlab; on {t.shared_fraction:.0%} of them (drawn per request) the first {t.shared_prefix} "
         f"tokens are the same opening (the held-out text's first {t.shared_prefix} tokens), standing in for a "
-        f"system prompt; outputs of {t.output_tokens[0]}-{t.output_tokens[1]} tokens (uniform), greedy, no stop "
+        f"system prompt; {outputs}, greedy, no stop "
         f"token, so every engine makes exactly the tokens asked for. Arrivals: {arrivals}. Every run at C = 1 "
         f"(batch-1's, and the others' at C = 1) serves only the trace's first {n_alone} requests, one "
         f"at a time: its tok/s is a rate over that sample of the trace; every other run serves the whole trace. ")
@@ -582,6 +621,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmlab.bench.serv
                         help="the C = 1 runs serve the trace's first N requests (default %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=T.prompt_tokens, metavar=("LEAST", "MOST"))
     parser.add_argument("--output-tokens", type=int, nargs=2, default=T.output_tokens, metavar=("LEAST", "MOST"))
+    parser.add_argument("--lengths", choices=LENGTHS, default=T.lengths,
+                        help="output lengths: uniform in --output-tokens, or those of the play's speeches that follow "
+                             "each prompt (held within --output-tokens)")
     parser.add_argument("--shared-prefix", type=int, default=T.shared_prefix, help="tokens of the shared opening")
     parser.add_argument("--shared-fraction", type=float, default=T.shared_fraction)
     parser.add_argument("--rate", type=float, help="requests per second, Poisson arrivals (open loop); "
@@ -598,7 +640,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmlab.bench.serv
     args = parser.parse_args(argv)
     try:
         trace = TraceSettings(args.requests, tuple(args.prompt_tokens), tuple(args.output_tokens), args.shared_prefix,
-                              args.shared_fraction, args.rate, args.seed)
+                              args.shared_fraction, args.rate, args.seed, args.lengths)
         settings = ServingSettings(_whole_numbers(args.concurrency, "--concurrency"), tuple(args.engines.split(",")),
                                    args.runs, args.batch1_requests, args.block_size, args.token_budget,
                                    args.kv_blocks, args.time_limit)
