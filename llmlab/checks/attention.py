@@ -1,21 +1,27 @@
 """Checks for the exercises of notebooks/03_attention.ipynb.
 
-Expected answers come from PyTorch (`torch.logsumexp`, tensor sizes on the meta device) and from
-llmlab's own `Attention` module built with other head counts, never from a stored number.
+Expected answers come from PyTorch (`torch.logsumexp`, tensor sizes on the meta device, q k^T / sqrt(d_k)),
+from llmlab's causal mask and its SDPA attention backend run on the real model's queries, keys and values,
+and from llmlab's own `Attention` module built with other head counts, never from a stored number.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
+from llmlab import probe
+from llmlab.attention import causal_mask as engine_causal_mask, sdpa_attention
 from llmlab.config import ModelConfig
 from llmlab.model import Attention
 
-from . import unanswered
+from . import check, unanswered
+from .locate import Step, locate
 
 
+@check
 def check_logsumexp(logsumexp) -> None:
     """`logsumexp(z)`: log Σ_j exp(z_j) over the last dimension, finite for huge scores and masked (-inf) ones."""
     # a function that still returns the placeholder None counts as unanswered
@@ -46,6 +52,7 @@ def _attention_parameters(config: ModelConfig) -> int:
         return sum(p.numel() for p in Attention(config).parameters()) * config.n_layers
 
 
+@check
 def check_mha_parameters(answer, config: ModelConfig) -> None:
     """`answer`: the attention parameters of all layers if every query head had its own key/value head."""
     if unanswered(answer, "mha_params"):
@@ -61,6 +68,7 @@ def check_mha_parameters(answer, config: ModelConfig) -> None:
     print(f"Correct: {expected:,} parameters, {expected / gqa:.2f}× the {gqa:,} of grouped-query attention.")
 
 
+@check
 def check_score_matrix_bytes(answer, config: ModelConfig, seq_len: int, bytes_per_value: int = 4) -> None:
     """`answer`: bytes of one layer's score matrices (all query heads) for `seq_len` tokens."""
     if unanswered(answer, "score_matrix_bytes"):
@@ -74,3 +82,54 @@ def check_score_matrix_bytes(answer, config: ModelConfig, seq_len: int, bytes_pe
         f"{answer:,} is not right: one score per (query head, query position, key position), "
         f"{bytes_per_value} bytes each")
     print(f"Correct: {expected / 2**30:.2f} GiB for one layer's scores at {seq_len:,} tokens.")
+
+
+SCORES_HINT = "scores[h, i, j] = q[h, i] · k[h, j] / sqrt(d_k), with d_k the head size (the last dimension of q)."
+MASK_HINT = ("causal_mask(n)[i, j] is True where query i may see key j, that is key j <= query i: "
+             "the diagonal included, everything above it masked.")
+OUTPUT_HINT = ("softmax over the keys (the last dimension) of the masked scores, times v. If head 0 is right "
+               "and a later head wrong, check which key/value head each query head reads: query head h "
+               "reads key/value head h // (n_heads // n_kv_heads).")
+SCORE_DIMS = ("head", "query position", "key position")
+
+
+def attention_steps(causal_mask, attention_scores, attention, llm, ids: list[int]):
+    """For every layer: the learner's scores, masked scores and attention output, each computed from that
+    layer's real queries, keys and values (the engine's, so that a mistake shows where it is made)."""
+    n, group = len(ids), llm.config.n_heads // llm.config.n_kv_heads
+    engine_mask = engine_causal_mask(n, n, llm.device)
+    mask = causal_mask(n)
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool, (
+        f"causal_mask(n) should return a bool tensor (True: may see), got "
+        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    assert mask.shape == (n, n), f"causal_mask({n}) should have shape ({n}, {n}), got {tuple(mask.shape)}"
+    for layer, (x, cos, sin) in enumerate(probe.attention_inputs(llm, ids)):
+        q, k, v = probe.project_qkv(llm.model.layers[layer].attention, x, cos, sin)
+        k_per_query_head = k.repeat_interleave(group, dim=0)                # (n_heads, n, d_k)
+        scores = q @ k_per_query_head.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        yield Step("scores", attention_scores(q.clone(), k_per_query_head.clone()), scores,
+                   SCORE_DIMS, layer, SCORES_HINT)
+        yield Step("after mask", scores.masked_fill(~mask, float("-inf")),
+                   scores.masked_fill(~engine_mask, float("-inf")), SCORE_DIMS, layer, MASK_HINT)
+        yield Step("output", attention(q.clone(), k.clone(), v.clone()),
+                   sdpa_attention(q[None], k[None], v[None])[0], ("head", "position", "channel"),
+                   layer, OUTPUT_HINT)
+
+
+@check
+def check_attention(causal_mask, attention_scores, attention, llm, prompt: str) -> None:
+    """Compare the three functions with llmlab on every layer's real queries, keys and values for `prompt`:
+    `causal_mask(n)` -> (n, n) bool; `attention_scores(q, k)`, q and k (n_heads, n, d_k) -> (n_heads, n, n);
+    `attention(q, k, v)`, q (n_heads, n, d_k), k and v (n_kv_heads, n, d_k) -> (n_heads, n, d_k)."""
+    c = llm.config
+    q, kv = torch.zeros(c.n_heads, 2, c.head_dim), torch.zeros(c.n_kv_heads, 2, c.head_dim)   # two tokens
+    tries = {"causal_mask": lambda: causal_mask(2), "attention_scores": lambda: attention_scores(q, q),
+             "attention": lambda: attention(q, kv, kv)}
+    for name, attempt in tries.items():
+        if unanswered(attempt(), name):        # a function that still returns the placeholder None
+            return
+    ids = llm.tokenizer.encode(prompt)
+    with torch.inference_mode():
+        compared = locate(attention_steps(causal_mask, attention_scores, attention, llm, ids))
+    print(f"Correct: scores, mask and grouped-query attention equal llmlab's in all {llm.config.n_layers} "
+          f"layers ({compared} tensors compared on {len(ids)} tokens).")

@@ -1,7 +1,8 @@
 """Checks for the exercises of notebooks/02_embeddings_and_rope.ipynb.
 
 Expected answers come from PyTorch's cosine similarity, from llmlab's RoPE (`rope_cos_sin`,
-`apply_rope`) and from llmlab's GGUF row order (`unpermute_qk`), never from a stored number.
+`apply_rope`, run on the real model's queries and keys) and from llmlab's GGUF row order
+(`unpermute_qk`), never from a stored number.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig
 from llmlab.gguf import unpermute_qk
+from llmlab import probe
 from llmlab.model import apply_rope, rope_cos_sin
 
-from . import unanswered
+from . import check, unanswered
+from .locate import Step, locate
 
 
+@check
 def check_nearest_tokens(answer, table: torch.Tensor, token_id: int, k: int = 5) -> None:
     """`answer`: the ids of the k rows of `table` most cosine-similar to row `token_id`, itself excluded."""
     if unanswered(answer, "nearest_ids"):
@@ -42,6 +46,7 @@ def adjacent_pairs_order(head_dim: int) -> torch.Tensor:
     return torch.argsort(file_row_of)
 
 
+@check
 def check_rope_adjacent(rope_adjacent, config: ModelConfig) -> None:
     """`rope_adjacent(x, pos)`: RoPE on pairs of neighbours (x_0, x_1), (x_2, x_3), ... of a head vector x.
 
@@ -69,6 +74,40 @@ def check_rope_adjacent(rope_adjacent, config: ModelConfig) -> None:
     print(f"Correct: rotating neighbours is llmlab's rotate-half RoPE, up to the permutation {order[:6].tolist()}...")
 
 
+ROPE_HINT = ("RoPE(x, m)_i = x_i cos mθ_i - x_(i+d/2) sin mθ_i and RoPE(x, m)_(i+d/2) = x_i sin mθ_i + "
+             "x_(i+d/2) cos mθ_i, with θ_i = base^(-2i/d) for i = 0 .. d/2 - 1. At position 0 every angle is 0 "
+             "and x must come back unchanged: if position 0 is already wrong, x is changed where it should not "
+             "be; if the first wrong position is 1 or later, the rotation itself is off (which coordinates "
+             "pair up, the signs, or θ_i).")
+
+
+def rope_steps(rope, llm, ids: list[int]):
+    """For every layer, the learner's `rope` and llmlab's `apply_rope` on that layer's real queries and
+    keys before RoPE (the engine's, so that a mistake shows where it is made)."""
+    positions = torch.arange(len(ids), device=llm.device)
+    for layer, (x, cos, sin) in enumerate(probe.attention_inputs(llm, ids)):
+        q, k, _ = probe.project_qkv(llm.model.layers[layer].attention, x)   # (heads, seq, head_dim), no RoPE
+        for name, before in (("q after RoPE", q), ("k after RoPE", k)):
+            yield Step(name, rope(before.clone(), positions), apply_rope(before, cos, sin),
+                       ("head", "position", "channel"), layer, ROPE_HINT)
+
+
+@check
+def check_rope(rope, llm, prompt: str) -> None:
+    """`rope(x, positions)`: x (heads, seq, head_dim), positions (seq,) int64 -> x rotated, same shape.
+    Compared with llmlab's `apply_rope` on every layer's real queries and keys for `prompt`."""
+    ids = llm.tokenizer.encode(prompt)
+    x = torch.zeros(1, len(ids), llm.config.head_dim)
+    # a function that still returns the placeholder None counts as unanswered
+    if unanswered(rope and rope(x, torch.arange(len(ids))), "rope"):
+        return
+    with torch.inference_mode():
+        compared = locate(rope_steps(rope, llm, ids))
+    print(f"Correct: your RoPE equals llmlab's on the queries and keys of all {llm.config.n_layers} layers "
+          f"({compared} tensors, {len(ids)} positions).")
+
+
+@check
 def check_slow_pairs(answer, config: ModelConfig) -> None:
     """`answer`: how many RoPE pairs never turn a full circle within the model's context."""
     if unanswered(answer, "slow_pairs"):
