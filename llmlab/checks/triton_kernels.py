@@ -4,6 +4,8 @@ Each check launches the reader's Triton kernel (natively on a GPU, through Trito
 CPU) on sizes that are not multiples of the block, compares it with the same computation in PyTorch,
 and surrounds every buffer with sentinel values so that an unmasked load or store shows up: the
 interpreter does not detect out-of-bounds accesses, it reads and writes whatever memory follows.
+The attention-softmax kernel runs on the real model's scores, layer by layer, and `locate` names the
+first layer, head and query position where its weights leave the engine's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import torch
 import llmlab.kernels  # noqa: F401 -- before triton: `import llmlab` switches on its interpreter when there is no GPU
 import triton
 
-from . import unanswered
+from .. import probe
+from ..corpus import prompt_ids
+from . import check, unanswered
+from .locate import Step, locate
 
 SENTINEL = 12345.0      # what the padding after `out` holds; a store past the end overwrites it
 
@@ -29,6 +34,7 @@ def _padded(values: torch.Tensor, pad: int, fill: float) -> tuple[torch.Tensor, 
     return buffer[:values.numel()].view(values.shape), buffer
 
 
+@check
 def check_scaled_add(scaled_add_kernel) -> None:
     """`scaled_add_kernel(x_ptr, y_ptr, out_ptr, a, n, BLOCK)`: out = a * x + y, launched on cdiv(n, BLOCK) programs."""
     if unanswered(scaled_add_kernel, "scaled_add_kernel"):
@@ -60,6 +66,7 @@ def check_scaled_add(scaled_add_kernel) -> None:
           f"nothing written past the end.")
 
 
+@check
 def check_bias_relu(bias_relu_kernel) -> None:
     """`bias_relu_kernel(x_ptr, bias_ptr, out_ptr, n_cols, BLOCK)`: out = relu(x + bias), one program per row,
     BLOCK = next_power_of_2(n_cols)."""
@@ -92,3 +99,99 @@ def check_bias_relu(bias_relu_kernel) -> None:
     fused = rows * n_cols + n_cols + rows * n_cols
     print(f"Correct on shapes {shapes}. For a {rows} x {n_cols} x, torch.relu(x + bias) moves {unfused:,} values, "
           f"the fused kernel {fused:,}: {unfused / fused:.1f}x fewer.")
+
+
+N_TOKENS = 24           # BLOCK = 32: 8 padding lanes a row; 9 x 24 programs a layer keep the interpreter quick
+SHARPER = 20            # the stress case: scores 20x larger reach ~250, and e^250 overflows fp32 (max ~e^88)
+
+
+@torch.inference_mode()
+def _real_scores(llm, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores, weights) of each of `layers` on N_TOKENS of Hamlet, from one forward pass: q k^T unscaled
+    (n_heads, seq, seq), and the engine's attention weights softmax(q k^T / sqrt(d) + M) from llmlab.probe."""
+    inputs = probe.attention_inputs(llm, prompt_ids(llm.tokenizer, N_TOKENS))
+    pairs = []
+    for layer in layers:
+        q, k, _ = probe.project_qkv(llm.model.layers[layer].attention, *inputs[layer])
+        scores = q @ k.repeat_interleave(q.shape[0] // k.shape[0], 0).transpose(-2, -1)
+        pairs.append((scores, probe.weights_from_qk(q, k)))
+    return pairs
+
+
+def _causal_softmax(scores: torch.Tensor, scale: float, causal: bool = True, diagonal: int = 0,
+                    subtract_max: bool = True) -> torch.Tensor:
+    """softmax over keys of scale * scores, keys j > i + diagonal at -inf if causal (the mistakes' variants:
+    no mask, the wrong diagonal, no max subtracted)."""
+    seq = scores.shape[-1]
+    scaled = scores * scale
+    if causal:
+        visible = torch.ones(seq, seq, dtype=torch.bool, device=scores.device).tril(diagonal)
+        scaled = scaled.masked_fill(~visible, float("-inf"))
+    if subtract_max:
+        return torch.softmax(scaled, dim=-1)
+    e = torch.exp(scaled)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _run_attention_softmax(kernel, scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reader's kernel on scores (heads, seq, seq), one program per (head, query); out starts as NaN so
+    that every entry the kernel leaves unwritten shows. A write past the end of out fails the check."""
+    heads, seq, _ = scores.shape
+    out, out_buffer = _padded(torch.full_like(scores, float("nan")), seq, SENTINEL)
+    kernel[(heads * seq,)](scores.contiguous(), out, seq, scale, BLOCK=triton.next_power_of_2(seq))
+    assert (out_buffer[scores.numel():] == SENTINEL).all(), (
+        "the kernel wrote past the end of out: lanes from seq to BLOCK are padding, store with mask=keys < seq")
+    return out
+
+
+def _softmax_hint(got: torch.Tensor, scores: torch.Tensor, scale: float) -> str:
+    """What a wrong `got` has in common with the usual mistakes (no advice names the missing code)."""
+    def matches(wrong):     # fp32 softmaxes computed in another order agree far closer than this
+        return torch.allclose(got, wrong, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+    right = _causal_softmax(scores, scale)
+    after_query = ~torch.ones(right.shape[-1], right.shape[-1], dtype=torch.bool, device=got.device).tril()
+    if matches(_causal_softmax(scores, scale, diagonal=-1)):
+        return "Query 0 got no key at all (nan): a query sees the keys up to and including its own position."
+    if matches(_causal_softmax(scores, 1.0)):
+        return "These are the weights of the unscaled scores: multiply them by scale first."
+    if matches(_causal_softmax(scores, scale, causal=False)):
+        return "Every key got a weight: a key after the query must count as -inf, in the max and in the sum."
+    if matches(_causal_softmax(scores, scale, subtract_max=False)):
+        return "inf or nan: exp overflowed. Subtract the row's max before exp, as the softmax kernel does."
+    if matches(torch.where(after_query, got, right)):
+        return "Right where the key is visible; the keys after the query must be stored too, as weight 0."
+    return "Per row: scale, the keys after the query to -inf, then the softmax of section 3.1."
+
+
+@check
+def check_attention_softmax(attention_softmax_kernel, llm) -> None:
+    """`attention_softmax_kernel(scores_ptr, out_ptr, seq, scale, BLOCK)`: for scores (heads, seq, seq) fp32,
+    contiguous, out[h, i, j] = softmax over j of scale * scores[h, i, j], keys j > i masked: one program per
+    (head, query) row, launched on (heads * seq,) programs with BLOCK = next_power_of_2(seq).
+
+    Run on the real unscaled scores q k^T of three layers, compared with the engine's attention weights
+    (llmlab.probe): `locate` names the first layer, head and query position that differ, and draws the
+    error. Then on the last layer's first head made 20x sharper, where exp overflows unless the max is
+    subtracted.
+    """
+    if unanswered(attention_softmax_kernel, "attention_softmax_kernel"):
+        return
+    n_layers, scale = llm.config.n_layers, 1 / llm.config.head_dim ** 0.5
+    layers = (0, n_layers // 3, n_layers - 1)
+    dims = ("head", "query position", "key position")
+
+    def steps():
+        for layer, (scores, weights) in zip(layers, _real_scores(llm, layers)):
+            # copies: plain tensors (not inference ones) on the kernels' device, whichever the model is on
+            scores, weights = scores.to(_device(), copy=True), weights.to(_device(), copy=True)
+            got = _run_attention_softmax(attention_softmax_kernel, scores, scale)
+            yield Step("attention weights", got, weights, dims, layer=layer, hint=_softmax_hint(got, scores, scale))
+        sharp = scores[:1] * SHARPER
+        got = _run_attention_softmax(attention_softmax_kernel, sharp, scale)
+        yield Step(f"attention weights of head 0, scores {SHARPER}x sharper", got, _causal_softmax(sharp, scale),
+                   dims, layer=layers[-1], hint=_softmax_hint(got, sharp, scale))
+
+    locate(steps())
+    print(f"Correct: the attention weights of layers {', '.join(map(str, layers))} ({llm.config.n_heads} heads, "
+          f"{N_TOKENS} tokens) equal the engine's, also where the scores are {SHARPER}x sharper.")
