@@ -18,7 +18,7 @@ import torch
 
 from .kv_cache import KVCache, make_cache
 from .model import Transformer
-from .sampling import SamplingParams, sample_on_device
+from .sampling import SamplingParams, int64_seed, sample_on_device
 from .step import Decoder
 
 
@@ -52,7 +52,7 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: i
         return
     device = model.embed.weight.device
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, seq), grows if no cache
-    seed_row = torch.tensor([seed], device=device)
+    seed_row = torch.tensor([int64_seed(seed)], device=device)
     seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
     seen[0, tokens[0]] = True
     if use_cache:

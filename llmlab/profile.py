@@ -54,7 +54,7 @@ from .errors import LlmlabError
 from .generate import decode_one_token, prefill
 from .kv_cache import KVCache, make_cache
 from .quant.linear import Int4Linear
-from .sampling import SamplingParams, sample_on_device
+from .sampling import SamplingParams, int64_seed, sample_on_device
 from .stages import listening
 
 STAGES = ("tokenization", "embedding", "norms", "qkv_projections", "rope", "kv_cache", "attention_core",
@@ -364,7 +364,7 @@ def profile_generation(llm, prompt: str | list[int], max_new_tokens: int = 32,
         tokens = torch.tensor([ids], dtype=torch.long, device=device)
         with timer.stage("sampling"):       # the sampler's state, as generate_tokens sets it up
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
-            seed_row = torch.tensor([seed], device=device)
+            seed_row = torch.tensor([int64_seed(seed)], device=device)
             seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
             seen[0, tokens[0]] = True
         logits = prefill(model, tokens, cache)

@@ -210,6 +210,12 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 _MASK32 = 0xFFFFFFFF
 
 
+def int64_seed(seed: int) -> int:
+    """A seed of [0, 2**64) as the int64 with the same 64 bits (two's complement), as the sampler's
+    tensors hold it: seeds from 2**63 up become negative, and keep their own random numbers."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (two multiply-xorshift rounds), computed in int64 so nothing overflows:
     every value stays below 2^32 and the multiplier is below 2^27."""
@@ -225,7 +231,7 @@ def counter_uniform(seed: torch.Tensor, position: torch.Tensor, n: int) -> torch
     would round to exactly 1.0 in float32, and -ln(1) = 0 turns a removed token's 0/0 into NaN."""
     token_ids = torch.arange(n, device=position.device)
     key = _mix32((position & _MASK32) + _mix32(seed & _MASK32)) & _MASK32           # (batch,)
-    bits = _mix32(((key[:, None] + _mix32(token_ids)[None]) & _MASK32) ^ (seed[:, None] >> 32))
+    bits = _mix32(((key[:, None] + _mix32(token_ids)[None]) & _MASK32) ^ ((seed[:, None] >> 32) & _MASK32))
     return ((bits >> 9).float() + 0.5) / 2.0**23
 
 

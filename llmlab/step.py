@@ -30,7 +30,7 @@ from .errors import LlmlabError
 from .kv_cache import KVCache, QuantizedKVCache, make_cache
 from .model import Transformer
 from .options import EngineOptions
-from .sampling import SamplingParams, sample_on_device
+from .sampling import SamplingParams, int64_seed, sample_on_device
 
 MIN_BUCKET = 256
 WARMUP_CALLS = 3        # calls before a capture: compile, autotune, and let the allocator settle
@@ -123,7 +123,7 @@ class Decoder:
         logits = self.model(prompts, start_pos=0, cache=self.cache, last_only=True)[:, -1]
         self.seen.zero_().scatter_(1, prompts, True)
         self.pos.fill_(n)
-        self.seed.fill_(seed & (2**63 - 1))
+        self.seed.fill_(int64_seed(seed))
         first = sample_on_device(logits, self.params, self.seed, self.pos, self.seen)
         self.seen.scatter_(1, first[:, None], True)
         self.token.copy_(first[:, None])

@@ -229,15 +229,13 @@ BAD_REQUESTS = {
     r"request 'p': its 15 prompt tokens and up to 3 new ones need KV room for 17 tokens, more than the "
     r"whole pool holds \(4 blocks of 4 = 16 tokens\)": lambda: Request("p", [1] * 15, max_new_tokens=3),
     r"request 's': sampling must be a SamplingParams": lambda: Request("s", [1], sampling={"temperature": 1}),
-    r"request 'r': seed 9223372036854775808 does not fit the sampler's int64": lambda: Request(
-        "r", [1], sampling=SamplingParams(temperature=1.0, seed=2**63)),
     r"request 'x': stop_ids must be integers": lambda: Request("x", [1], stop_ids=["\n"]),
     "add takes a Request, got list": lambda: [1, 2, 3],
 }
 
 
 @pytest.mark.bad_input(kind="a request the scheduler could never run (empty or out-of-vocabulary prompt, past the "
-                            "context, larger than the whole KV pool, a bad seed, sampling or stop ids)",
+                            "context, larger than the whole KV pool, bad sampling or stop ids)",
                        gets="LlmlabError at add, naming the request and the fix; nothing is queued")
 @pytest.mark.parametrize("message", list(BAD_REQUESTS))
 def test_a_request_that_cannot_run_is_refused_at_add(llm, message):

@@ -20,7 +20,7 @@ from llmlab.errors import LlmlabError
 from llmlab.kv_cache import KV_CACHES, KVCache, write_at_positions
 from llmlab.model import KERNELS
 from llmlab.options import SWITCHES, EngineOptions, engine_options
-from llmlab.sampling import SamplingParams, counter_uniform, sample_on_device
+from llmlab.sampling import SamplingParams, counter_uniform, int64_seed, sample_on_device
 from llmlab.step import Decoder, bucket
 
 PROMPT = "The history of the Roman Empire"
@@ -199,6 +199,25 @@ def test_fixed_shape_step_gives_the_eager_tokens(llm, kv_cache):
     while len(tokens) < 64:
         tokens += decoder.next_tokens()[0].tolist()
     assert tokens == greedy(llm, kv_cache=kv_cache)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63, 2**64 - 1])
+def test_every_seed_samples_in_both_loops_and_the_top_bit_counts(llm, seed):
+    """Seeds are [0, 2**64) (SamplingParams); the sampler's tensors are int64. Every seed runs in the
+    eager loop and the fixed-shape Decoder and draws the same 12 tokens in both; a seed from 2**63 up
+    draws other numbers than the seed 2**63 below it (its top bit is not dropped)."""
+    ids = llm.tokenizer.encode(PROMPT)
+    params = SamplingParams(temperature=1.0, seed=seed)
+    eager = list(llm.generate_ids(ids, 12, stop_ids=(), temperature=1.0, seed=seed))
+    decoder = Decoder(llm.model, EngineOptions(), params, 1, bucket(len(ids) + 12))
+    tokens = decoder.start(torch.tensor([ids]), seed=seed).tolist()
+    while len(tokens) < 12:
+        tokens += decoder.next_tokens()[0].tolist()
+    assert tokens == eager
+    position = torch.tensor([5])
+    low, high = seed % 2**63, int64_seed(seed % 2**63 + 2**63)
+    assert not torch.equal(counter_uniform(torch.tensor([low]), position, 1000),
+                           counter_uniform(torch.tensor([high]), position, 1000))
 
 
 def dynamo_graphs() -> int:

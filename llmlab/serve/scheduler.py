@@ -62,7 +62,7 @@ from ..errors import LlmlabError
 from ..kv_cache import BlockPool
 from ..llm import LLM
 from ..model import Transformer
-from ..sampling import SamplingParams, sample_on_device
+from ..sampling import SamplingParams, int64_seed, sample_on_device
 from .batch import SequenceChunk, forward_batch
 from .blocks import BlockManager, NoFreeBlocks
 from .graphs import StepGraphs
@@ -195,10 +195,6 @@ class Scheduler:
             raise LlmlabError(f"{where}: {error}") from None
         if not isinstance(request.sampling, SamplingParams):
             raise LlmlabError(f"{where}: sampling must be a SamplingParams, got {type(request.sampling).__name__}")
-        if request.sampling.seed is not None and request.sampling.seed >= 2**63:
-            # the sampler holds the seed in an int64 tensor: a larger one would fail inside a step, for everyone
-            raise LlmlabError(f"{where}: seed {request.sampling.seed} does not fit the sampler's int64; give one "
-                              f"below 2**63")
         n_prompt, n_new = len(request.prompt), request.max_new_tokens
         if n_prompt + n_new > config.max_seq_len:
             raise LlmlabError(f"{where}: the prompt is {n_prompt} tokens and max_new_tokens is {n_new}: together more "
@@ -335,7 +331,7 @@ class Scheduler:
                     seen = torch.zeros(len(members), logits.shape[-1], dtype=torch.bool, device=device)
                     for i, (request, _) in enumerate(members):
                         seen[i, request.tokens] = True
-                seeds = torch.tensor([r.seed for r, _ in members], device=device)
+                seeds = torch.tensor([int64_seed(r.seed) for r, _ in members], device=device)
                 positions = torch.tensor([len(r.tokens) for r, _ in members], device=device)   # of the tokens drawn now
                 tokens = sample_on_device(logits[rows], params, seeds, positions, seen).tolist()
             for (request, _), token in zip(members, tokens):
