@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmlab.checks import CheckFailed
 from llmlab.checks.fusion import check_geglu, check_greedy_step, first_graph_break
 
 
@@ -66,14 +67,14 @@ def test_geglu_placeholders_say_what_to_fill_in(capsys):
     (lambda g, u: geglu(g, torch.ones_like(u)), "multiply by up"),
 ])
 def test_geglu_wrong_function_is_named(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_geglu(wrong, geglu_bytes)
 
 
 def test_geglu_wrong_byte_counts_are_explained():
-    with pytest.raises(AssertionError, match="your geglu moves"):
+    with pytest.raises(CheckFailed, match="your geglu moves"):
         check_geglu(geglu, lambda n, s: (5 * n * s, 3 * n * s))
-    with pytest.raises(AssertionError, match="3 n s"):
+    with pytest.raises(CheckFailed, match="3 n s"):
         check_geglu(geglu, lambda n, s: (21 * n * s, 2 * n * s))
 
 
@@ -88,7 +89,7 @@ def test_greedy_step_right_answer_passes(capsys):
     (step_without_stop, "has finished"),
 ])
 def test_greedy_step_wrong_answers_are_explained(wrong, message):
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises(CheckFailed, match=message):
         check_greedy_step(wrong)
 
 

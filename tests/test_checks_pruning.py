@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from llmlab.checks import CheckFailed
 from llmlab.checks.pruning import check_mask_2_4, check_soft_gradient, check_wanda_mask
 
 
@@ -127,7 +128,7 @@ def test_placeholders_say_what_to_fill_in(capsys):
     (lambda scores: mask_2_4_by_hand(scores)[:, :-4], "the scores' shape"),
 ])
 def test_wrong_2_4_masks_are_explained(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_mask_2_4(wrong)
 
 
@@ -141,7 +142,7 @@ def test_wrong_2_4_masks_are_explained(wrong, message):
     (wanda_prunes_highest, "you pruned the highest scores"),
 ])
 def test_wrong_wanda_masks_are_explained(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_wanda_mask(wrong)
 
 
@@ -159,5 +160,5 @@ def softmax_t(z, T):
     (lambda z_s, z_t, T: soft_gradient(z_s, z_t, T) + 1e-3, "autograd's"),
 ])
 def test_wrong_gradients_are_explained(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_soft_gradient(wrong)

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from llmlab.checks import CheckFailed
 from llmlab.checks.serving import (blocks_for_prompt, check_acceptance_rule, check_padding_waste,
                                    check_prompt_blocks)
 
@@ -128,7 +129,7 @@ def test_blocks_for_prompt_counts_a_chain_of_whole_blocks():
     (lambda lengths, b: [padding_waste(lengths, b)], "return one number"),
 ])
 def test_wrong_padding_waste_is_explained(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_padding_waste(wrong, LENGTHS)
 
 
@@ -143,7 +144,7 @@ def test_wrong_padding_waste_is_explained(wrong, message):
     (lambda prompt, computed, bs: blocks_for(prompt, computed, bs)[0], "return two numbers"),
 ])
 def test_wrong_block_counts_are_explained(wrong, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_prompt_blocks(wrong)
 
 
@@ -158,5 +159,5 @@ def test_wrong_block_counts_are_explained(wrong, message):
     (accept_probability, lambda p, q: residual_distribution(p, q)[:-1], "one probability per token"),
 ])
 def test_wrong_acceptance_rules_are_explained(accept, residual, message):
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(CheckFailed, match=re.escape(message)):
         check_acceptance_rule(accept, residual)

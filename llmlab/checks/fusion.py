@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import unanswered
+from . import check, unanswered
 
 
 class _Recorder(TorchDispatchMode):
@@ -79,6 +79,7 @@ def first_graph_break(fn, *args) -> tuple[str | None, int]:
     return None, len(graphs)
 
 
+@check
 def check_geglu(geglu, geglu_bytes) -> None:
     """`geglu(gate, up)`: gelu_tanh(gate) * up written with elementwise PyTorch ops;
     `geglu_bytes(n, s)`: (bytes geglu moves run op by op, bytes one fused kernel must move) for
@@ -155,6 +156,7 @@ def _reference_step(model, cache, token, pos, stop_id):
     return nxt, pos + (~done).long()
 
 
+@check
 @torch.inference_mode()
 def check_greedy_step(greedy_step) -> None:
     """`greedy_step(model, cache, token, pos, stop_id)`: token (batch, 1) at positions pos (batch,) -> (the

@@ -16,7 +16,7 @@ import torch
 from llmlab.gguf import GGUFFile
 from llmlab.llm import bundled_model_path
 
-from . import unanswered
+from . import check, unanswered
 
 
 @functools.cache
@@ -59,6 +59,7 @@ def _follows_2_4(keep: np.ndarray, scores: np.ndarray) -> bool:
     return bool((groups.sum(-1) == 2).all()) and _order_violation(groups, s) is None
 
 
+@check
 def check_mask_2_4(mask_2_4_by_hand) -> None:
     """`mask_2_4_by_hand(scores)`: scores (out, in), in a multiple of 4 -> a bool keep mask of the same
     shape with, in every row, exactly the 2 highest scores of each 4 consecutive inputs kept."""
@@ -111,6 +112,7 @@ def _follows_rows(keep: np.ndarray, scores: np.ndarray, n_pruned: int) -> bool:
     return bool(((~keep).sum(1) == n_pruned).all()) and _order_violation(keep, scores) is None
 
 
+@check
 def check_wanda_mask(wanda_by_hand) -> None:
     """`wanda_by_hand(W, X, sparsity)`: a weight (out, in) and its inputs X (tokens, in) -> the bool keep
     mask (out, in) that prunes, in every output row, the round(sparsity · in) weights with the lowest
@@ -186,6 +188,7 @@ def _autograd_soft_gradient(z_s: np.ndarray, z_t: np.ndarray, temperature: float
     return student.grad.numpy()
 
 
+@check
 def check_soft_gradient(soft_gradient) -> None:
     """`soft_gradient(z_s, z_t, T)`: one position's student and teacher logits (vocab,) -> the gradient
     (vocab,) of the soft term T² KL(softmax(z_t/T) || softmax(z_s/T)) with respect to z_s, in closed form."""

@@ -15,7 +15,7 @@ import torch
 
 from llmlab.serve.blocks import BlockManager
 
-from . import unanswered
+from . import check, unanswered
 
 # --- static batching: the padding ----------------------------------------------------------------
 
@@ -32,6 +32,7 @@ def padding_waste_of(lengths: list[int], batch_size: int) -> float:
     return 1 - sum(lengths) / _static_slots(lengths, batch_size)
 
 
+@check
 def check_padding_waste(padding_waste, lengths: list[int] | None = None) -> None:
     """`padding_waste(output_lengths, batch_size)`: the fraction of decode slots wasted on padding when
     the requests are served in static batches of batch_size, in arrival order. `lengths`: the
@@ -140,6 +141,7 @@ def _cases(block_size: int, text: list[int]) -> list[tuple[str, list[int], list[
     ]
 
 
+@check
 def check_prompt_blocks(blocks_for, block_size: int = 16, text: list[int] | None = None) -> None:
     """`blocks_for(prompt, computed, block_size)` -> (hit_tokens, new_blocks): for a new prompt, how many of
     its tokens the prefix cache already holds, given the earlier sequences whose KV was computed
@@ -215,6 +217,7 @@ def _as_float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
+@check
 def check_acceptance_rule(accept_probability, residual_distribution, real: tuple | None = None) -> None:
     """`accept_probability(p, q, x)`: the probability of keeping a draft token x drawn from q, where p is
     the model's distribution; `residual_distribution(p, q)`: the distribution a refused token is

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from llmlab.tokenizer import Tokenizer, bytes_to_unicode, train_bpe
 
-from . import unanswered
+from . import check, unanswered
 
 # The edges of UTF-8's four lengths (1 byte up to U+007F, 2 up to U+07FF, 3 up to U+FFFF, else 4),
 # and characters readers meet: "A", "é", "€", "世", "😀".
@@ -23,6 +23,7 @@ def _bits(data: bytes) -> str:
     return " ".join(f"{b:08b}" for b in data)
 
 
+@check
 def check_utf8_encode(utf8_encode) -> None:
     """`utf8_encode(code_point) -> bytes` against Python's codec, on every length of UTF-8."""
     if unanswered(utf8_encode, "utf8_encode"):
@@ -42,6 +43,7 @@ def check_utf8_encode(utf8_encode) -> None:
           f"from 1 to 4 bytes.")
 
 
+@check
 def check_bpe_encode(bpe_encode, tokenizer: Tokenizer) -> None:
     """`bpe_encode(word, ranks) -> list of tokens` against `Tokenizer.bpe`, on `tokenizer` and on a
     tiny vocabulary trained here where the longest match from the left gives the wrong answer."""
@@ -62,6 +64,7 @@ def check_bpe_encode(bpe_encode, tokenizer: Tokenizer) -> None:
           f"for SmolLM2's 48,900 merges and for a tiny vocabulary.")
 
 
+@check
 def check_chat_ids(ids, messages: list[dict], tokenizer: Tokenizer) -> None:
     """Ids built by hand for a conversation against `tokenizer.encode_chat` (the chat template)."""
     if unanswered(ids, "chat_ids"):
