@@ -97,6 +97,11 @@ def parse_request(body: dict, endpoint: str, model_name: str) -> Request:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         validate.positive_int(max_tokens, "max_tokens")      # over the context: the engine's check, later
+    seed = body.get("seed")
+    if validate.is_int(seed) and not 0 <= seed < 2**63:      # another type: SamplingParams says so, later
+        # OpenAI's API types the seed as an int64; llmlab's sampler takes none below 0
+        raise ApiError(400, f"seed must be an integer from 0 to 2**63 - 1 (OpenAI's seed is an int64), got {seed}",
+                       "seed")
     return Request(
         prompt=chat_messages(body) if endpoint == "chat" else completion_prompt(body),
         max_tokens=DEFAULT_MAX_TOKENS[endpoint] if max_tokens is None else int(max_tokens),
