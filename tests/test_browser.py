@@ -8,7 +8,9 @@ sliders), and each move must redraw the widget's output (its figure or its text)
 and without leaving it blank. Screenshots of each widget state go to build/screenshots/<notebook>/
 for a person to look at, with the time each redraw took (moves.txt) and each notebook (timings.txt).
 
-tests/test_widget_extremes.py moves the same widgets in a bare kernel; only here is the drawn output seen.
+A planted notebook, whose slider raises at its maximum, shows that the pass fails where a learner's
+widget would break. Widget callbacks run here as in JupyterLab, in a kernel subshell thread: a bare
+kernel (nbclient) runs them on its main thread and once missed a bug that only the subshell shows.
 """
 
 import json
@@ -19,6 +21,7 @@ import shutil
 import sys
 import time
 
+import nbformat
 import pytest
 
 from browser import INSTALL_CHROMIUM, REPO, CHROMIUM_ARGS, copy_workbook, find_chromium, jupyter_lab
@@ -70,6 +73,14 @@ DRAWN = """(cell, selector) => [...cell.querySelectorAll(selector)]
 
 timings = {}
 
+# A widget that redraws fine from 1 to 3 and raises an IndexError above: the pass must fail on it.
+BROKEN = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+    "import ipywidgets as widgets\n"
+    "def show(n=3):\n"
+    "    print('item', [1, 2, 3][:n][n - 1])\n"
+    "_ = widgets.interact(show, n=widgets.IntSlider(value=3, min=1, max=5))")],
+    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}})
+
 
 def unavailable(message):
     """A learner's machine without the browser skips; CI must never skip, so there it fails."""
@@ -87,6 +98,7 @@ def lab_browser(tmp_path_factory, request):
         unavailable("the playwright package is missing; install it with: make setup")
     root = tmp_path_factory.mktemp("workbook")
     copy_workbook(NOTEBOOKS, root)
+    nbformat.write(BROKEN, root / "notebooks" / "broken_widget.ipynb")
     start = time.monotonic()
     with jupyter_lab(root) as lab, sync_playwright() as playwright:
         # The lab's python3 kernel is this environment's: ipykernel's own spec, whose "python" is the server's.
@@ -285,11 +297,8 @@ def move_widget(notebook, index, cells, kernel):
                 log.write(f"cell {index} {label!r}: {what}: redrawn in {time.monotonic() - start:.1f} s\n")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_in_browser(lab_browser, path):
-    lab, browser = lab_browser
-    shots = SCREENSHOTS / path.stem
+def drive(lab, browser, path, shots):
+    """Open the notebook, Run All, move every widget: the whole pass over one notebook."""
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
@@ -307,3 +316,21 @@ def test_notebook_in_browser(lab_browser, path):
         page.close()
         lab.shut_down_kernels()
         timings[path.stem] = ran, time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input(kind="a notebook widget moved to its extremes (min and max, first and last option) in JupyterLab",
+                       gets="its figure or text redrawn, no traceback")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_in_browser(lab_browser, path):
+    lab, browser = lab_browser
+    drive(lab, browser, path, SCREENSHOTS / path.stem)
+
+
+@pytest.mark.slow
+def test_the_browser_pass_fails_on_a_widget_that_raises_at_its_maximum(lab_browser, tmp_path):
+    lab, browser = lab_browser
+    planted = tmp_path / "broken_widget.ipynb"        # the same cells as the copy the server holds
+    nbformat.write(BROKEN, planted)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)key End.*IndexError"):
+        drive(lab, browser, planted, tmp_path / "shots")
