@@ -26,7 +26,8 @@ pytest.importorskip("triton")   # after llmlab.kernels, which must set TRITON_IN
 
 from llmlab.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from llmlab.kernels.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
-from llmlab.kernels.int4_gemv import int4_matmul, int4_matmul_reference  # noqa: E402
+from llmlab.kernels.int4_gemv import (int4_gemv, int4_matmul, int4_matmul_reference, prepare_int4,  # noqa: E402
+                                      unprepare_int4)
 from llmlab.quant.packing import unpack_int4  # noqa: E402
 from llmlab.kernels.matmul import matmul, matmul_reference  # noqa: E402
 from llmlab.kernels.rms_norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
@@ -152,6 +153,27 @@ def test_int4_matmul_fp32_scales_with_fp16_x(m):
     assert_close_to_scale(y, int4_matmul_reference(x, packed, scales, offsets, 64), DOT_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("config", [(64, 1, 1, 4), (32, 2, 2, 4), (64, 1, 4, 2), (16, 2, 8, 4)])
+def test_int4_gemv_layout_steps_and_split_k(config):
+    """Every way the GEMV cuts the work (outputs per program, groups per step, K slices merged by the
+    last slice to arrive) gives the same product; and the arrival counters are left at zero, ready for
+    the next call or graph replay."""
+    packed, scales, offsets = random_int4(100, 1024, 64, torch.float32)   # 16 groups; 100 outputs: ragged
+    weights = prepare_int4(packed, scales, offsets, 64)
+    assert torch.equal(unprepare_int4(weights), packed)
+    x = torch.randn(1, 1024)
+    for _ in range(2):                                   # a second call reuses the counters
+        y = int4_gemv(x, weights, config=config)
+        assert_close_to_scale(y, int4_matmul_reference(x, packed, scales, offsets, 64), DOT_TOL[torch.float32])
+    assert all(not c.any() for c in kernels._arrivals.values())
+
+
+def test_int4_gemv_refuses_a_split_that_does_not_divide_the_groups():
+    weights = prepare_int4(*random_int4(8, 640, 64, torch.float32), 64)   # 10 groups
+    with pytest.raises(ValueError, match="10 groups do not split into 4"):
+        int4_gemv(torch.randn(1, 640), weights, config=(64, 1, 4, 4))
+
+
 def test_int4_matmul_rejects_a_group_tl_dot_cannot_step():
     with pytest.raises(ValueError, match="group_size"):
         int4_matmul(torch.randn(1, 64), *random_int4(8, 64, 16, torch.float32), 16)
@@ -254,6 +276,24 @@ def test_gpu_int4_matmul(dtype, m, group_size):
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
     y = int4_matmul(x, packed, scales, offsets, group_size)
     assert_close_to_scale(y, int4_matmul_reference(x, packed, scales, offsets, group_size), GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_int4_gemv_lop3_asm_equals_plain_triton_and_replays_in_a_graph():
+    """The lop3 inline-asm unpacking and its plain-Triton twin compute the same bits; and split-K's
+    arrival counters let a CUDA graph replay the GEMV with new inputs, right every time."""
+    packed, scales, offsets = (t.cuda() for t in random_int4(14336, 4096, 128, torch.bfloat16))
+    weights = prepare_int4(packed, scales, offsets, 128)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(int4_gemv(x, weights, asm=True), int4_gemv(x, weights, asm=False))
+    y = int4_gemv(x, weights, config=(64, 1, 8, 4))               # eager first: the counters exist
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int4_gemv(x, weights, config=(64, 1, 8, 4))
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert_close_to_scale(y, int4_matmul_reference(x, packed, scales, offsets, 128), GPU_TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

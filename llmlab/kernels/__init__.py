@@ -17,6 +17,19 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+_arrivals: dict = {}
+
+
+def arrival_counters(kernel: str, device: torch.device, n: int) -> torch.Tensor:
+    """n int32 counters at zero for `kernel`, whose programs count themselves in as they finish, so
+    that the last to arrive does the final reduction, and set back to zero by it. Kept per kernel, device
+    and size: a CUDA graph replays with the same memory, made at the first (eager) call, before capture."""
+    key = (kernel, device, n)
+    if key not in _arrivals:
+        _arrivals[key] = torch.zeros(n, device=device, dtype=torch.int32)
+    return _arrivals[key]
+
+
 def dependent_launch(device: torch.device) -> bool:
     """Whether kernels on `device` may use programmatic dependent launch (PDL, Hopper and later): the
     next kernel in the stream starts while this one finishes, loads what no kernel writes (weights),

@@ -11,6 +11,7 @@ one that fails leaves its error in the JSON and the others still run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -214,36 +215,123 @@ def bench_matmul() -> dict:
             "max_error_relative_to_max": error, "timing": how}
 
 
-def bench_int4_gemv() -> dict:
-    from .int4_gemv import int4_matmul, int4_matmul_reference
+# The decode GEMVs of Llama-3-8B (q/k/v stacked, o, gate/up stacked, down; and one of gate, up alone)
+# and of Llama-3.2-1B, as (N, K): y (1, N) = x (1, K) @ W.T.
+INT4_SHAPES = [(14336, 4096), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+               (3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]
+INT4_GROUP = 128
 
-    n, k, group = 14336, 4096, 128
+
+def int4_sets(n: int, k: int, rows: int = 1):
+    """Rotating int4 inputs of one shape (packed, scales, offsets and the kernel layout) and bf16 ones."""
+    from .int4_gemv import prepare_int4
+
+    group = INT4_GROUP
     int4_bytes = n * k // 2 + 2 * n * (k // group) * 2                     # packed + bf16 scales and offsets
 
     def int4_set():
-        return (torch.randn(1, k, device="cuda", dtype=torch.bfloat16),
-                torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8),
-                torch.rand(n, k // group, device="cuda", dtype=torch.bfloat16) * 0.02,
-                torch.randn(n, k // group, device="cuda", dtype=torch.bfloat16) * 0.1, group)
+        packed = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+        scales = torch.rand(n, k // group, device="cuda", dtype=torch.bfloat16) * 0.02
+        offsets = torch.randn(n, k // group, device="cuda", dtype=torch.bfloat16) * 0.1
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        return x, packed, scales, offsets, group, prepare_int4(packed, scales, offsets, group)
 
     def bf16_set():
-        return (torch.randn(1, k, device="cuda", dtype=torch.bfloat16),
+        return (torch.randn(rows, k, device="cuda", dtype=torch.bfloat16),
                 torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-
-    int4_sets = [int4_set() for _ in range(copies_for(int4_bytes))]
-    ours, how = time_ms(int4_matmul, int4_sets)
-    expected = int4_matmul_reference(*int4_sets[0]).float()
-    error = ((int4_matmul(*int4_sets[0]).float() - expected).abs().max() / expected.abs().max()).item()
-    del int4_sets
-    bf16_sets = [bf16_set() for _ in range(copies_for(n * k * 2))]
-    theirs, _ = time_ms(F.linear, bf16_sets)
-    return {"x": [1, k], "weight": [n, k], "group_size": group, "int4_ms": ours,
-            "int4_gbps": gb_per_s(int4_bytes, ours), "bf16_linear_ms": theirs,
-            "bf16_linear_gbps": gb_per_s(n * k * 2, theirs), "speedup_vs_bf16": theirs / ours,
-            "max_error_relative_to_max": error, "timing": how}
+    return ([int4_set() for _ in range(copies_for(int4_bytes))], int4_bytes,
+            [bf16_set() for _ in range(copies_for(n * k * 2))])
 
 
-def run_kernel_benchmarks(out_path=None) -> dict:
+def int4_load_only(x, weights):
+    """What the GEMV's layout costs to read alone: the same programs, loads and split, no arithmetic
+    (the words are summed as integers so that the loads are not optimised away)."""
+    import triton
+
+    from .int4_gemv import gemv_config
+    n = weights.words.shape[1]
+    block_n, _, split_k, warps = gemv_config(n, x.shape[1], weights.group_size,
+                                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+    sums = torch.empty(split_k * n, device=x.device, dtype=torch.int32)
+    load_only_kernel()[(triton.cdiv(n, block_n), split_k)](weights.words, sums, n, weights.words.shape[0] // split_k,
+                                                         BLOCK_N=block_n, num_warps=warps)
+    return sums
+
+
+@functools.cache
+def load_only_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(words_ptr, sums_ptr, N, ROWS_PER_SPLIT, BLOCK_N: tl.constexpr):
+        ns = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        js = tl.arange(0, 16)
+        total = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+        first = tl.program_id(1) * ROWS_PER_SPLIT
+        for j in range(first, first + ROWS_PER_SPLIT, 16):       # 16 words (one group of 128) a step
+            total += tl.load(words_ptr + (j + js)[:, None] * N + ns[None, :])
+        tl.store(sums_ptr + tl.program_id(1) * N + ns, tl.sum(total, axis=0))
+    return kernel
+
+
+def bench_int4_gemv() -> list[dict]:
+    """The int4 GEMV (and, for several rows, GEMM) against cuBLAS's bf16 F.linear on the same shape."""
+    from .int4_gemv import int4_gemv, int4_matmul, int4_matmul_reference
+
+    rows_out = []
+    cases = [(n, k, 1) for n, k in INT4_SHAPES] + [(14336, 4096, m) for m in (2, 4, 8, 16)]
+    for n, k, m in cases:
+        row = {"rows": m, "weight": [n, k], "group_size": INT4_GROUP}
+        try:
+            sets, int4_bytes, bf16_sets = int4_sets(n, k, m)
+            ours, how = time_ms(int4_matmul, sets)
+            theirs, _ = time_ms(F.linear, bf16_sets)
+            expected = int4_matmul_reference(*sets[0][:5]).float()
+            error = ((int4_matmul(*sets[0]).float() - expected).abs().max() / expected.abs().max()).item()
+            row.update(int4_us=ours * 1e3, int4_gbps=gb_per_s(int4_bytes, ours), bf16_linear_us=theirs * 1e3,
+                       bf16_linear_gbps=gb_per_s(n * k * 2, theirs), speedup_vs_bf16=theirs / ours,
+                       max_error_relative_to_max=error, timing=how)
+            if m == 1:                     # the same kernel with the unpacking in plain Triton, not lop3 asm
+                plain, _ = time_ms(lambda x, *rest: int4_gemv(x, rest[-1], asm=False), sets)
+                floor, _ = time_ms(lambda x, *rest: int4_load_only(x, rest[-1]), sets)
+                row.update(int4_plain_triton_us=plain * 1e3, load_only_us=floor * 1e3)
+            del sets, bf16_sets
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows_out.append(row)
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def sweep_int4_gemv() -> list[dict]:
+    """Every (BLOCK_N, GROUPS_PER_STEP, SPLIT_K, num_warps) near gemv_config's choice, per decode shape:
+    the data behind that choice."""
+    from .int4_gemv import gemv_config, int4_gemv
+
+    results = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for n, k in INT4_SHAPES:
+        sets, _, bf16_sets = int4_sets(n, k)
+        bf16, _ = time_ms(F.linear, bf16_sets)
+        del bf16_sets
+        times = {}
+        grid = [(bn, per_step, split, 4) for bn in (32, 64) for per_step in (1, 2) for split in (1, 2, 4, 8, 16)]
+        for config in [c for c in grid + [(32, 2, split, 2) for split in (1, 2, 4, 8, 16)]
+                       if (k // INT4_GROUP) % (c[1] * c[2]) == 0]:
+            ms, _ = time_ms(lambda x, *rest: int4_gemv(x, rest[-1], config=config), sets)
+            times[str(config)] = ms * 1e3
+        chosen = str(gemv_config(n, k, INT4_GROUP, sms))
+        best = min(times, key=times.get)
+        results.append({"weight": [n, k], "bf16_linear_us": bf16 * 1e3, "chosen": chosen, "chosen_us": times[chosen],
+                        "best": best, "best_us": times[best], "us_by_config": times})
+        print(results[-1]["weight"], chosen, f"{times[chosen]:.1f} us", best, f"{times[best]:.1f} us", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
+def run_kernel_benchmarks(out_path=None, int4_sweep: bool = False) -> dict:
     """Run every benchmark on the current CUDA device; write the results as JSON to out_path if given."""
     if not torch.cuda.is_available():
         raise RuntimeError(
@@ -263,6 +351,9 @@ def run_kernel_benchmarks(out_path=None) -> dict:
         print(f"{name}: {json.dumps(results[name], default=str)[:400]}", flush=True)
         torch.cuda.empty_cache()
 
+    if int4_sweep:
+        record("int4_gemv_sweep", sweep_int4_gemv)
+        return write(results, out_path)
     record("copy", bench_copy)
     copy_gbps = results["copy"].get("GB/s")
     record("flash_attention", bench_flash_attention)
@@ -270,6 +361,10 @@ def run_kernel_benchmarks(out_path=None) -> dict:
     record("rms_norm_swiglu", bench_rms_norm_and_swiglu, copy_gbps)
     record("matmul", bench_matmul)
     record("int4_gemv", bench_int4_gemv)
+    return write(results, out_path)
+
+
+def write(results: dict, out_path) -> dict:
     if out_path is not None:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=2)
@@ -279,7 +374,10 @@ def run_kernel_benchmarks(out_path=None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the results here")
-    run_kernel_benchmarks(parser.parse_args(argv).json)
+    parser.add_argument("--int4-sweep", action="store_true",
+                        help="only time the int4 GEMV's launch configurations on every decode shape")
+    args = parser.parse_args(argv)
+    run_kernel_benchmarks(args.json, args.int4_sweep)
 
 
 if __name__ == "__main__":

@@ -9,49 +9,114 @@ Storage (the contract shared with llmlab.quant):
     scales, offsets (N, K // group_size), in x's dtype or fp32
     W[n, k] = q[n, k] * scales[n, k // g] + offsets[n, k // g],   q in 0..15
 
-Two kernels: one token (M = 1) takes a GEMV made of multiply-adds; several (a batch, a prefill)
-take a GEMM on the tensor cores, which needs at least 16 rows of x and wastes the padding at M = 1.
+Two kernels: one token (M = 1) takes a GEMV made of FMAs, from its own layout (Int4Weights, made
+once at load by prepare_int4); several (a batch, a prefill) take a GEMM on the tensor cores, which
+needs at least 16 rows of x and wastes the padding at M = 1.
+
+The GEMV, measured on an H200 at 1 x 4096 @ 4096 x 14336, group 128 (data/benchmarks/h200-kernels.json):
+the first version, a multiply-add per weight after scaling each weight (w = q s + o) and converting
+each nibble, took 28.7 us, 1.08x cuBLAS's bf16 GEMV: it issued ~8 instructions per weight. This one
+applies scale and offset once per 8 weights (the algebra in the kernel), makes each weight's float with
+one lop3 (nibble_as_float), and splits K so that every SM has programs to run: ~18.5 us, 1.6-1.8x
+bf16. A kernel that only loads the same bytes in the same layout takes 9.5 us; Nsight Compute puts
+the rest on instruction issue (5.6 instructions per weight, issue slots 58 % busy, occupancy held to
+50 % by 64 registers a thread). Reading a quarter of the bytes would allow ~3x.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import arrival_counters
 from ..quant.packing import unpack_int4
 from ..quant.quantize import dequantize
 
 
 @triton.jit
-def int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, offsets_ptr, y_ptr, N, K, stride_pn, stride_sn,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
-    # One program: BLOCK_N outputs y[n] = sum_k W[n, k] x[k]. Each step covers one quantization
-    # group, so one scale and offset per weight row serve the whole (BLOCK_N, GROUP) tile.
-    ns = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) % N   # wrapped, not masked: see matmul.py
-    js = tl.arange(0, GROUP // 2)                                    # packed bytes of one group
-    ks = tl.arange(0, GROUP)                                         # columns of one group
-    n_groups = K // GROUP
-    acc = tl.zeros((BLOCK_N, GROUP), dtype=tl.float32)               # summed over K only at the end
-    for first in range(0, n_groups, UNROLL):
-        # UNROLL groups in straight-line code: their loads are all issued before the first one is
-        # used, so many bytes are in flight (there is no tl.dot here for Triton to pipeline around).
-        for u in tl.static_range(UNROLL):
-            # Past the last group everything loads as 0. (The test is broadcast to a tensor: the
-            # interpreter refuses a scalar mask.)
-            g = first + u
-            packed = tl.load(packed_ptr + ns[:, None] * stride_pn + g * (GROUP // 2) + js[None, :],
-                             mask=(g + 0 * js[None, :]) < n_groups, other=0)                   # (BLOCK_N, GROUP/2)
-            scale = tl.load(scales_ptr + ns * stride_sn + g, mask=(g + 0 * ns) < n_groups, other=0)
-            offset = tl.load(offsets_ptr + ns * stride_sn + g, mask=(g + 0 * ns) < n_groups, other=0)
-            scale, offset = scale.to(tl.float32)[:, None], offset.to(tl.float32)[:, None]
-            w_even = (packed & 0xF).to(tl.float32) * scale + offset                            # W = q * s + o
-            w_odd = (packed >> 4).to(tl.float32) * scale + offset
-            # Join the two halves side by side, (BLOCK_N, GROUP/2, 2), which row by row reads
-            # W[2j], W[2j+1], ...: the weights back in column order once reshaped.
-            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, GROUP))
-            x = tl.load(x_ptr + g * GROUP + ks, mask=(g + 0 * ks) < n_groups, other=0.0)
-            acc += w * x.to(tl.float32)[None, :]
-    out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + out, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=out < N)
+def nibble_as_float(bits, MASK: tl.constexpr, ASM: tl.constexpr):
+    """The nibble under MASK (bits 15-18 or 19-22) of each 32-bit word as an fp32 number, in one instruction.
+
+    0x43000000 is fp32 128.0, whose mantissa bit 15 is worth 1/2 (bit 23 starts the exponent):
+    OR-ing a nibble q into bits 15-18 makes the float 128 + q / 2, into bits 19-22 the float 128 + 8 q,
+    with no conversion instruction. (bits & MASK) | 0x43000000 is one PTX lop3, which computes any
+    function of three registers.
+    """
+    if ASM:
+        if MASK == 0x00078000:
+            out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00078000, 0x43000000, 0xEA;", "=r,r", [bits],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00780000, 0x43000000, 0xEA;", "=r,r", [bits],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+    else:                                  # the same bits in plain Triton: what the interpreter runs
+        out = (bits & MASK) | 0x43000000
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def int4_gemv_kernel(x_ptr, words_ptr, scales_ptr, offsets_ptr, y_ptr, partial_ptr, arrivals_ptr,
+                     N, K, GROUPS_PER_SPLIT, GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr):
+    # One program: BLOCK_N outputs over one K-slice of GROUPS_PER_SPLIT groups, GROUPS_PER_STEP
+    # groups per loop step (one load of many bytes in flight). words[j, n] holds W[n, 8j : 8j + 8]
+    # (the kernel layout: see prepare_int4). Per group g, with s, o its scale and offset,
+    #     sum_k W[n, k] x[k] = s[g, n] * sum_k q[n, k] x[k] + o[g, n] * sum_k x[k]
+    # so a weight costs one lop3 (nibble_as_float), one FMA and half a shift; scale and offset are
+    # applied once per word, and nothing is reduced across threads until the end.
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    ns = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N           # wrapped, not masked: see matmul.py
+    us = tl.arange(0, GROUPS_PER_STEP)[:, None]                    # (U, 1): the groups of one step
+    js = tl.arange(0, GROUP // 8)[None, :]                         # (1, G/8): the words of one group
+    total = tl.zeros((GROUPS_PER_STEP, GROUP // 8, BLOCK_N), dtype=tl.float32)
+    first = pid_k * GROUPS_PER_SPLIT
+    # Each step's weights are loaded one step ahead, while the step before is being computed: a
+    # load waits ~1 us for DRAM, and without the prefetch every step would wait that long.
+    words = tl.load(words_ptr + ((first + us) * (GROUP // 8) + js)[:, :, None] * N + ns[None, None, :])
+    for g in range(first, first + GROUPS_PER_SPLIT, GROUPS_PER_STEP):
+        gs = g + us                                                # (U, 1) group numbers
+        word_rows = gs * (GROUP // 8) + js                         # (U, G/8) rows of `words`
+        ahead = word_rows + GROUPS_PER_STEP * (GROUP // 8)
+        more = (gs + GROUPS_PER_STEP < first + GROUPS_PER_SPLIT) & (js >= 0)                  # (U, G/8); a tensor:
+        next_words = tl.load(words_ptr + ahead[:, :, None] * N + ns[None, None, :],            # the interpreter
+                             mask=more[:, :, None], other=0)                                    # takes no scalar mask
+        scale = tl.load(scales_ptr + gs * N + ns[None, :]).to(tl.float32)                  # (U, BLOCK_N)
+        offset = tl.load(offsets_ptr + gs * N + ns[None, :]).to(tl.float32)
+        # Byte b of a word holds columns 8j + 2b (low nibble) and 8j + 2b + 1 (high). Shifted to bits
+        # 15-22, they read as 128 + q / 2 and 128 + 8 q, so they meet 2 x and x / 8 (exact scalings).
+        acc = tl.zeros((GROUPS_PER_STEP, GROUP // 8, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((GROUPS_PER_STEP, GROUP // 8), dtype=tl.float32)      # sum of x over each word
+        x_seen = tl.zeros((GROUPS_PER_STEP, GROUP // 8), dtype=tl.float32)     # ... as the FMAs see it
+        for b in tl.static_range(4):
+            byte = words << 15 if b == 0 else (words << 7 if b == 1 else (words >> 1 if b == 2 else words >> 9))
+            x_even = tl.load(x_ptr + word_rows * 8 + 2 * b).to(tl.float32)                 # (U, G/8)
+            x_odd = tl.load(x_ptr + word_rows * 8 + 2 * b + 1).to(tl.float32)
+            acc = tl.fma(nibble_as_float(byte, 0x00078000, ASM), (x_even * 2.0)[:, :, None], acc)
+            acc = tl.fma(nibble_as_float(byte, 0x00780000, ASM), (x_odd * 0.125)[:, :, None], acc)
+            x_sum += x_even + x_odd
+            x_seen += x_even * 2.0 + x_odd * 0.125
+        # acc - 128 * x_seen = sum_k q x over the word; then scale and offset, one FMA each per word.
+        total = tl.fma(acc - 128.0 * x_seen[:, :, None], scale[:, None, :], total)
+        total = tl.fma(x_sum[:, :, None], offset[:, None, :], total)
+        words = next_words
+    part = tl.sum(tl.sum(total, axis=1), axis=0)                   # (BLOCK_N,)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + outs, part.to(y_ptr.dtype.element_ty), mask=outs < N)
+    else:
+        # Split-K: each slice leaves its sums in `partial`; the last of the SPLIT_K programs of these
+        # outputs to arrive (one atomic counter per block of outputs) adds them in a fixed order, so
+        # the result is the same every run, and writes y: one launch, no second reduction kernel.
+        tl.store(partial_ptr + pid_k * N + ns, part)
+        tl.debug_barrier()                                         # every thread's store before the count
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            summed = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(SPLIT_K):                               # .cg: from L2, never a stale L1 line
+                summed += tl.load(partial_ptr + k * N + ns, cache_modifier=".cg")
+            tl.store(y_ptr + outs, summed.to(y_ptr.dtype.element_ty), mask=outs < N)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)                # ready for the next call (and graph replay)
 
 
 @triton.jit
@@ -80,32 +145,93 @@ def int4_gemm_kernel(x_ptr, packed_ptr, scales_ptr, offsets_ptr, y_ptr, M, N, K,
              mask=x_mask & (out_ns[None, :] < N))
 
 
+def check_group_size(K: int, group_size: int) -> None:
+    if K % group_size or group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"int4_matmul needs a power-of-two group_size >= 32 dividing K (tl.dot's smallest "
+                         f"K step is 16 packed bytes); got K={K}, group_size={group_size}")
+
+
+class Int4Weights(NamedTuple):
+    """An int4 matrix in the GEMV kernel's layout (prepare_int4): for each output n, contiguous over n,
+        words   int32 (K/8, N): words[j, n] = W[n, 8j : 8j + 8] as nibbles 0..7 (a little-endian view
+                of the packed bytes of the contract above, transposed)
+        scales, offsets (K/group, N)
+    Contiguous over n, a warp's 32 threads read 32 neighbouring outputs' words in one 128-byte line,
+    and each thread reuses the 8 values of x a word needs for all the outputs it holds."""
+    words: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int
+
+
+def prepare_int4(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> Int4Weights:
+    """The kernel layout of the (N, K/2)-packed form: done once, at load."""
+    N, half_k = packed.shape
+    K = 2 * half_k
+    assert packed.dtype == torch.uint8 and scales.shape == offsets.shape == (N, K // group_size)
+    check_group_size(K, group_size)
+    words = packed.contiguous().view(torch.int32).T.contiguous()                  # (K/8, N)
+    return Int4Weights(words, scales.T.contiguous(), offsets.T.contiguous(), group_size)
+
+
+def unprepare_int4(weights: Int4Weights) -> torch.Tensor:
+    """The packed (N, K/2) bytes back from the kernel layout."""
+    return weights.words.T.contiguous().view(torch.uint8)
+
+
+def gemv_config(n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, GROUPS_PER_STEP, SPLIT_K, num_warps): 64 outputs a program, one group a step, 4 warps,
+    and K split until there are 8 programs per SM (at most 16 slices): within 10 % of the best of 25
+    configurations for every decode GEMV of Llama-3-8B and 3.2-1B on an H200
+    (data/benchmarks/h200-int4-gemv-sweep.json). A short, wide matrix needs no split; a tall one does."""
+    n_groups = k // group_size
+    split_k = 1
+    while -(-n // 64) * split_k < 8 * sms and split_k < 16 and n_groups % (split_k * 2) == 0:
+        split_k *= 2
+    return 64, 1, split_k, 4
+
+
+def int4_gemv(x: torch.Tensor, weights: Int4Weights, asm: bool | None = None, config=None) -> torch.Tensor:
+    """x (1, K) -> y = x @ W.T (1, N) in x's dtype, from the kernel layout."""
+    M, K = x.shape
+    N = weights.words.shape[1]
+    assert M == 1 and weights.words.shape[0] * 8 == K
+    if asm is None:
+        asm = x.device.type == "cuda"                      # the interpreter runs no PTX
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 4
+    block_n, per_step, split_k, warps = config or gemv_config(N, K, weights.group_size, sms)
+    n_groups = K // weights.group_size
+    if n_groups % (per_step * split_k):
+        raise ValueError(f"int4_gemv: {n_groups} groups do not split into {split_k} slices of {per_step}-group steps")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # Split-K partial sums (fp32, a fresh buffer: in a CUDA graph, memory of the graph's own pool) and
+    # one arrival counter per block of outputs.
+    partial = torch.empty(split_k * N, device=x.device, dtype=torch.float32) if split_k > 1 else y
+    arrivals = arrival_counters("int4_gemv", x.device, triton.cdiv(N, block_n)) if split_k > 1 else y
+    int4_gemv_kernel[(triton.cdiv(N, block_n), split_k)](
+        x.contiguous(), weights.words, weights.scales, weights.offsets, y, partial, arrivals, N, K,
+        n_groups // split_k, GROUP=weights.group_size, GROUPS_PER_STEP=per_step, BLOCK_N=block_n,
+        SPLIT_K=split_k, ASM=asm, num_warps=warps)
+    return y
+
+
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                group_size: int) -> torch.Tensor:
-    """x (M, K) -> y = x @ W.T, (M, N) in x's dtype. M = 1 takes the GEMV, more rows the GEMM."""
+                group_size: int, prepared: Int4Weights | None = None) -> torch.Tensor:
+    """x (M, K) -> y = x @ W.T, (M, N) in x's dtype. One token takes the GEMV (from the kernel layout,
+    `prepared`, made here if not given), more the GEMM."""
     M, K = x.shape
     N = packed.shape[0]
     assert packed.dtype == torch.uint8 and packed.shape == (N, K // 2)
     assert scales.shape == offsets.shape == (N, K // group_size) and scales.stride() == offsets.stride()
-    if K % group_size or group_size < 32 or group_size & (group_size - 1):
-        raise ValueError(f"int4_matmul needs a power-of-two group_size >= 32 dividing K (tl.dot's smallest "
-                         f"K step is 16 packed bytes); got K={K}, group_size={group_size}")
+    check_group_size(K, group_size)
+    if M == 1:
+        return int4_gemv(x, prepared or prepare_int4(packed, scales, offsets, group_size))
     x, packed = x.contiguous(), packed.contiguous()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    args = (x, packed, scales, offsets, y)
-    if M == 1:
-        # 8 rows x 4 groups a step over 2 warps: the best of those measured on an H100 (N=14336,
-        # K=4096, group 128: ~28 us, 1.5x faster than bf16 F.linear). It is bound by instruction
-        # issue, not memory: about 8 instructions per weight to unpack, convert, scale and add.
-        # CUDA kernels such as Marlin go further by building two fp16 weights per integer
-        # instruction (lop3/prmt on packed halves), which Triton cannot express without inline asm.
-        int4_gemv_kernel[(triton.cdiv(N, 8),)](*args, N, K, packed.stride(0), scales.stride(0),
-                                               GROUP=group_size, BLOCK_N=8, UNROLL=4, num_warps=2)
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(M)))
-        int4_gemm_kernel[(triton.cdiv(N, 64), triton.cdiv(M, block_m))](
-            *args, M, N, K, x.stride(0), packed.stride(0), scales.stride(0), y.stride(0),
-            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=4)
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    int4_gemm_kernel[(triton.cdiv(N, 64), triton.cdiv(M, block_m))](
+        x, packed, scales, offsets, y, M, N, K, x.stride(0), packed.stride(0), scales.stride(0), y.stride(0),
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=4)
     return y
 
 

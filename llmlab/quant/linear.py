@@ -99,6 +99,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("cpu_packed", cpu_packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))   # (K/group, N, 2)
         self.int8_dot = False          # kernels="int8-dot": int8 activations, integer dot products (CPU)
+        self.kernel_layout = None      # llmlab.kernels.int4_gemv.Int4Weights, on CUDA (see forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = flatten_tokens(x)
@@ -108,8 +109,12 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(tokens, self.cpu_packed, self.group_size,
                                                            self.scales_and_zeros)
         elif tokens.shape[0] <= PREFILL_ROWS:
-            from llmlab.kernels.int4_gemv import int4_matmul   # Triton: imported only where it can run
-            y = int4_matmul(tokens, self.packed, self.scales, self.offsets, self.group_size)
+            from llmlab.kernels.int4_gemv import int4_matmul, prepare_int4   # Triton: only where it can run
+            if self.kernel_layout is None or self.kernel_layout.words.device != x.device:
+                # The GEMV's own layout, made at the first call on this device (a warm-up, before any
+                # CUDA graph is captured): another copy of the weights' bytes, as cpu_packed is on CPU.
+                self.kernel_layout = prepare_int4(self.packed, self.scales, self.offsets, self.group_size)
+            y = int4_matmul(tokens, self.packed, self.scales, self.offsets, self.group_size, self.kernel_layout)
         else:
             # a prefill is compute bound: reading 4-bit weights saves nothing there, so unpack them
             # once for this call and let cuBLAS do the matmul (measured on an H100: the int4 kernel at
