@@ -275,6 +275,17 @@ def load_only_kernel():
     return kernel
 
 
+def tinygemm_set(x, packed, scales, offsets, group):
+    """The same int4 matrix for PyTorch's CUDA int4 kernel (tinygemm, the one gpt-fast's int4 uses):
+    its own tiled packing of bytes whose HIGH nibble is the even column, and per group (scale, zero) with
+    W = (q - 8) * scale + zero, so zero = offset + 8 * scale."""
+    swapped = ((packed & 0xF) << 4) | (packed >> 4)
+    tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
+    zeros = offsets.float() + 8 * scales.float()
+    scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(x.dtype)
+    return x, tiled, group, scales_and_zeros
+
+
 def bench_int4_gemv() -> list[dict]:
     """The int4 GEMV (and, for several rows, GEMM) against cuBLAS's bf16 F.linear on the same shape."""
     from .int4_gemv import int4_gemv, int4_matmul, int4_matmul_reference
@@ -292,6 +303,16 @@ def bench_int4_gemv() -> list[dict]:
             row.update(int4_us=ours * 1e3, int4_gbps=gb_per_s(int4_bytes, ours), bf16_linear_us=theirs * 1e3,
                        bf16_linear_gbps=gb_per_s(n * k * 2, theirs), speedup_vs_bf16=theirs / ours,
                        max_error_relative_to_max=error, timing=how)
+            try:                           # the peer: PyTorch's tinygemm int4 kernel on the same weights
+                tiny = [tinygemm_set(*one[:5]) for one in sets]
+                tiny_error = ((torch.ops.aten._weight_int4pack_mm(*tiny[0]).float() - expected).abs().max()
+                              / expected.abs().max()).item()
+                tiny_ms, _ = time_ms(torch.ops.aten._weight_int4pack_mm, tiny)
+                row.update(tinygemm_us=tiny_ms * 1e3, tinygemm_max_error_relative_to_max=tiny_error,
+                           speedup_vs_tinygemm=tiny_ms / ours)
+                del tiny
+            except Exception as e:  # noqa: BLE001
+                row["tinygemm_error"] = f"{type(e).__name__}: {e}"
             if m == 1:                     # the same kernel with the unpacking in plain Triton, not lop3 asm
                 plain, _ = time_ms(lambda x, *rest: int4_gemv(x, rest[-1], asm=False), sets)
                 floor, _ = time_ms(lambda x, *rest: int4_load_only(x, rest[-1]), sets)
