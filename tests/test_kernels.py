@@ -29,7 +29,7 @@ from llmlab.kernels.flash_attention import flash_attention, flash_attention_refe
 from llmlab.kernels.int4_gemv import (int4_gemv, int4_matmul, int4_matmul_reference, prepare_int4,  # noqa: E402
                                       unprepare_int4)
 from llmlab.quant.packing import unpack_int4  # noqa: E402
-from llmlab.kernels.matmul import matmul, matmul_reference  # noqa: E402
+from llmlab.kernels.matmul import matmul, matmul_reference, matmul_tma  # noqa: E402
 from llmlab.kernels.rms_norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
                                      rms_norm_residual_reference)
 from llmlab.kernels.rope import apply_rope_, apply_rope_reference  # noqa: E402
@@ -261,11 +261,18 @@ def test_gpu_rope(dtype):
 
 @pytest.mark.gpu
 @gpu_dtypes
-@pytest.mark.parametrize("mnk", [(1000, 1500, 777), (2048, 2048, 2048)])
+@pytest.mark.parametrize("mnk", [(1000, 1500, 777), (1000, 1496, 776), (2048, 2048, 2048)])
 def test_gpu_matmul(dtype, mnk):
     m, n, k = mnk
     a, b = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(k, n, device="cuda", dtype=dtype)
     assert_close_to_scale(matmul(a, b), matmul_reference(a, b), GPU_TOL[dtype])
+    if torch.cuda.get_device_capability()[0] < 9:       # TMA: Hopper and later
+        return
+    if k % 8:                                           # rows not on 16-byte boundaries: TMA cannot copy them
+        with pytest.raises(ValueError, match="16-byte"):
+            matmul_tma(a, b)
+    else:
+        assert_close_to_scale(matmul_tma(a, b), matmul_reference(a, b), GPU_TOL[dtype])
 
 
 @pytest.mark.gpu

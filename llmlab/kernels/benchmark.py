@@ -201,18 +201,22 @@ def bench_rms_norm_and_swiglu(copy_gbps: float | None) -> dict:
 
 
 def bench_matmul() -> dict:
-    from .matmul import matmul
+    from .matmul import matmul, matmul_tma
 
     n = 4096
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     flops = 2 * n**3
     ours, how = time_ms(matmul, [(a, b)])
+    tma, _ = time_ms(matmul_tma, [(a, b)])
     theirs, _ = time_ms(torch.matmul, [(a, b)])
-    error = ((matmul(a, b).float() - (a @ b).float()).abs().max() / (a @ b).float().abs().max()).item()
+    expected = (a @ b).float()
+    error = ((matmul(a, b).float() - expected).abs().max() / expected.abs().max()).item()
+    tma_error = ((matmul_tma(a, b).float() - expected).abs().max() / expected.abs().max()).item()
     return {"m": n, "n": n, "k": n, "dtype": "bf16", "triton_ms": ours, "triton_tflops": flops / ours / 1e9,
+            "triton_tma_ms": tma, "triton_tma_tflops": flops / tma / 1e9, "ratio_tma_vs_torch": theirs / tma,
             "torch_ms": theirs, "torch_tflops": flops / theirs / 1e9, "ratio_vs_torch": theirs / ours,
-            "max_error_relative_to_max": error, "timing": how}
+            "max_error_relative_to_max": error, "tma_max_error_relative_to_max": tma_error, "timing": how}
 
 
 # The decode GEMVs of Llama-3-8B (q/k/v stacked, o, gate/up stacked, down; and one of gate, up alone)
