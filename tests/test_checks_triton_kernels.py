@@ -18,7 +18,7 @@ import triton.language as tl
 
 from llmlab.checks import CheckFailed
 from llmlab.checks.locate import StepFailed
-from llmlab.checks.triton_kernels import check_attention_softmax, check_bias_relu, check_scaled_add
+from llmlab.checks.triton_kernels import check_attention_softmax, check_bias_relu, check_int4_dot, check_scaled_add
 
 
 @triton.jit
@@ -153,3 +153,23 @@ def test_attention_softmax_without_the_max_overflows_on_sharper_scores(llm):
 def test_attention_softmax_store_past_the_end(llm):
     with pytest.raises(CheckFailed, match="wrote past the end of out"):
         check_attention_softmax(attention_softmax_unmasked_store, llm)
+
+
+def int4_dot(q, scales, offsets, x, group_size, with_offsets=True, group_of=lambda g: g):
+    """y = W x from the int4 codes, per group: scale times the group's sum of q x, plus offset times its sum of x."""
+    n, k = q.shape
+    x_groups = x.reshape(k // group_size, group_size)
+    q_dot_x = (q.float().reshape(n, k // group_size, group_size) * x_groups).sum(-1)
+    y = scales[:, group_of(torch.arange(k // group_size))] * q_dot_x
+    return (y + offsets * x_groups.sum(-1) * with_offsets).sum(-1)
+
+
+def test_int4_dot_right_passes_and_each_missing_term_is_named(capsys, llm):
+    check_int4_dot(int4_dot, llm)
+    assert "Correct" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match="real scales and offsets.*offset times the sum of x"):
+        check_int4_dot(lambda *args: int4_dot(*args, with_offsets=False), llm)
+    with pytest.raises(CheckFailed, match="real scales, offsets 0.*that group's scale"):
+        check_int4_dot(lambda *args: int4_dot(*args, group_of=lambda g: g.flip(0)), llm)   # groups' scales swapped
+    with pytest.raises(CheckFailed, match="shape"):
+        check_int4_dot(lambda *args: int4_dot(*args)[None], llm)

@@ -16,7 +16,10 @@ import llmlab.kernels  # noqa: F401 -- before triton: `import llmlab` switches o
 import triton
 
 from .. import probe
+from ..kernels.int4_gemv import int4_matmul_reference
 from ..corpus import prompt_ids
+from ..quant.packing import pack_int4
+from ..quant.quantize import quantize_asymmetric
 from . import check, unanswered
 from .locate import Step, locate
 
@@ -195,3 +198,38 @@ def check_attention_softmax(attention_softmax_kernel, llm) -> None:
     locate(steps())
     print(f"Correct: the attention weights of layers {', '.join(map(str, layers))} ({llm.config.n_heads} heads, "
           f"{N_TOKENS} tokens) equal the engine's, also where the scores are {SHARPER}x sharper.")
+
+
+@check
+def check_int4_dot(int4_dot, llm):
+    """int4_dot(q, scales, offsets, x, group_size) -> y (N,) = W x, W[n, k] = q[n, k] scales[n, g] + offsets[n, g],
+    on the int4 codes of layer 15's down projection and its input at the last of 16 real tokens, against llmlab's
+    dequantized matmul: one term at a time, so that a mistake shows in which."""
+    if unanswered(int4_dot, "int4_dot"):
+        return
+    linear, group = llm.model.layers[15].mlp.w_down, 128
+    seen = {}
+    hook = linear.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        llm.logits(prompt_ids(llm.tokenizer, 16))
+    hook.remove()
+    x = seen["x"][0, -1:]
+    q, scales, offsets = quantize_asymmetric(linear.weight.detach(), bits=4, per=group)
+    ones, zeros = torch.ones_like(scales), torch.zeros_like(offsets)
+    cases = [("scales 1 and offsets 0 (W = q)", ones, zeros,
+              "y[n] is the sum over every column k of q[n, k] * x[k]"),
+             ("the real scales, offsets 0", scales, zeros,
+              "each group's sum of q x is multiplied by that group's scale: scales[n, g] belongs to columns "
+              "g * G to (g + 1) * G - 1"),
+             ("the real scales and offsets", scales, offsets,
+              "each group adds its offset times the sum of x over that group's columns")]
+    for where, s, o, hint in cases:
+        got = int4_dot(q, s, o, x[0], group)
+        expected = int4_matmul_reference(x, pack_int4(q), s, o, group)[0]
+        assert isinstance(got, torch.Tensor) and got.shape == expected.shape, (
+            f"int4_dot should return a tensor of shape {tuple(expected.shape)} (one value per output row); got "
+            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
+        error = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+        assert error < 1e-5, f"with {where}, y is off by {error:.1e} of its largest value: {hint}."
+    print(f"Correct: y = W x from the codes of a {q.shape[0]} x {q.shape[1]} layer in groups of {group}, "
+          f"within 1e-5 of the dequantized matmul, without forming W.")
