@@ -43,7 +43,8 @@ SWITCHES = {
     "kernels": (("torch", "triton", "fused-decode", "int8-dot"),
                 "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or llmlab's Triton kernels; or "
                 "fused-decode: the decode step as six Triton kernels per layer, each matrix-vector product with "
-                "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), prefill on PyTorch ops; "
+                "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), from float or int4 "
+                "weights, prefill on PyTorch ops; "
                 "or int8-dot (CPU, int4/int8 weights): the quantized matmuls of up to 16 tokens quantize their "
                 "inputs to int8 per block of 32 and multiply with integer dot products (llmlab's C kernel, "
                 "llmlab.quant.int8_dot, as llama.cpp's Q4_1 x Q8_1), the rest on PyTorch ops"),
@@ -156,9 +157,13 @@ class EngineOptions:
             self._check_speculative()
 
     def _check_fused_decode(self) -> None:
-        if self.weights in QUANTIZED_WEIGHTS or not self.fused:
+        if self.weights in ("int8", "fp8") or (self.weights != "int4" and not self.fused):
             raise LlmlabError("kernels='fused-decode' reads float weights stacked as [W_q; W_k; W_v] and "
-                              "[W_gate; W_up]: use fused=True and a float weights= (fp32, bf16, fp16)")
+                              "[W_gate; W_up], or int4 ones: use fused=True and a float weights= (fp32, bf16, "
+                              "fp16), or weights='int4'")
+        if self.weights == "int4" and self.tp > 1:
+            raise LlmlabError("kernels='fused-decode' with weights='int4' runs on one device: use tp=1, or "
+                              "float weights under tp")
         if self.head != "float":
             raise LlmlabError("kernels='fused-decode' reads the LM head in the model's float dtype: use head='float'")
         if self.kv_cache != "static":

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import arrival_counters
+from .fused_matvec import wait_for_previous_kernel
 from ..quant.packing import unpack_int4
 from ..quant.quantize import dequantize
 
@@ -59,21 +60,38 @@ def nibble_as_float(bits, MASK: tl.constexpr, ASM: tl.constexpr):
 def int4_gemv_kernel(x_ptr, words_ptr, scales_ptr, offsets_ptr, y_ptr, partial_ptr, arrivals_ptr,
                      N, K, GROUPS_PER_SPLIT, GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
                      BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr):
-    # One program: BLOCK_N outputs over one K-slice of GROUPS_PER_SPLIT groups, GROUPS_PER_STEP
-    # groups per loop step (one load of many bytes in flight). words[j, n] holds W[n, 8j : 8j + 8]
-    # (the kernel layout: see prepare_int4). Per group g, with s, o its scale and offset,
-    #     sum_k W[n, k] x[k] = s[g, n] * sum_k q[n, k] x[k] + o[g, n] * sum_k x[k]
-    # so a weight costs one lop3 (nibble_as_float), one FMA and half a shift; scale and offset are
-    # applied once per word, and nothing is reduced across threads until the end.
+    # One program: BLOCK_N outputs over one K-slice of GROUPS_PER_SPLIT groups (int4_slice_sums);
+    # the slices of a block of outputs are added by the last of them to finish (merge_split_k).
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     ns = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N           # wrapped, not masked: see matmul.py
+    part = int4_slice_sums(x_ptr, x_ptr, words_ptr, scales_ptr, offsets_ptr, ns, pid_k * GROUPS_PER_SPLIT,
+                           GROUPS_PER_SPLIT, N, GROUP, GROUPS_PER_STEP, BLOCK_N, ASM, False, False)
+    last, sums = merge_split_k(part, partial_ptr, arrivals_ptr, pid_n, pid_k, ns, N, SPLIT_K)
+    if last:
+        outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + outs, sums.to(y_ptr.dtype.element_ty), mask=outs < N)
+
+
+@triton.jit
+def int4_slice_sums(x_ptr, norm_ptr, words_ptr, scales_ptr, offsets_ptr, ns, first, GROUPS_PER_SPLIT, N,
+                    GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ASM: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+    """sum_k W[n, k] x[k] for the outputs ns over the groups first .. first + GROUPS_PER_SPLIT, (BLOCK_N,) fp32;
+    with NORM, x[k] * norm[k] in place of x[k]. With PDL, the first weights are loaded before waiting
+    for the kernel that writes x (fused_matvec.wait_for_previous_kernel).
+
+    words[j, n] holds W[n, 8j : 8j + 8] (the kernel layout: see prepare_int4). Per group g, with s, o
+    its scale and offset,
+        sum_k W[n, k] x[k] = s[g, n] * sum_k q[n, k] x[k] + o[g, n] * sum_k x[k]
+    so a weight costs one lop3 (nibble_as_float), one FMA and half a shift; scale and offset are
+    applied once per word, and nothing is reduced across threads until the end."""
     us = tl.arange(0, GROUPS_PER_STEP)[:, None]                    # (U, 1): the groups of one step
     js = tl.arange(0, GROUP // 8)[None, :]                         # (1, G/8): the words of one group
     total = tl.zeros((GROUPS_PER_STEP, GROUP // 8, BLOCK_N), dtype=tl.float32)
-    first = pid_k * GROUPS_PER_SPLIT
     # Each step's weights are loaded one step ahead, while the step before is being computed: a
     # load waits ~1 us for DRAM, and without the prefetch every step would wait that long.
     words = tl.load(words_ptr + ((first + us) * (GROUP // 8) + js)[:, :, None] * N + ns[None, None, :])
+    wait_for_previous_kernel(PDL)
     for g in range(first, first + GROUPS_PER_SPLIT, GROUPS_PER_STEP):
         gs = g + us                                                # (U, 1) group numbers
         word_rows = gs * (GROUP // 8) + js                         # (U, G/8) rows of `words`
@@ -92,6 +110,9 @@ def int4_gemv_kernel(x_ptr, words_ptr, scales_ptr, offsets_ptr, y_ptr, partial_p
             byte = words << 15 if b == 0 else (words << 7 if b == 1 else (words >> 1 if b == 2 else words >> 9))
             x_even = tl.load(x_ptr + word_rows * 8 + 2 * b).to(tl.float32)                 # (U, G/8)
             x_odd = tl.load(x_ptr + word_rows * 8 + 2 * b + 1).to(tl.float32)
+            if NORM:                                               # the norm's weights; its 1/rms waits
+                x_even *= tl.load(norm_ptr + word_rows * 8 + 2 * b).to(tl.float32)         # for the end
+                x_odd *= tl.load(norm_ptr + word_rows * 8 + 2 * b + 1).to(tl.float32)
             acc = tl.fma(nibble_as_float(byte, 0x00078000, ASM), (x_even * 2.0)[:, :, None], acc)
             acc = tl.fma(nibble_as_float(byte, 0x00780000, ASM), (x_odd * 0.125)[:, :, None], acc)
             x_sum += x_even + x_odd
@@ -100,23 +121,28 @@ def int4_gemv_kernel(x_ptr, words_ptr, scales_ptr, offsets_ptr, y_ptr, partial_p
         total = tl.fma(acc - 128.0 * x_seen[:, :, None], scale[:, None, :], total)
         total = tl.fma(x_sum[:, :, None], offset[:, None, :], total)
         words = next_words
-    part = tl.sum(tl.sum(total, axis=1), axis=0)                   # (BLOCK_N,)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + outs, part.to(y_ptr.dtype.element_ty), mask=outs < N)
-    else:
-        # Split-K: each slice leaves its sums in `partial`; the last of the SPLIT_K programs of these
-        # outputs to arrive (one atomic counter per block of outputs) adds them in a fixed order, so
-        # the result is the same every run, and writes y: one launch, no second reduction kernel.
+    return tl.sum(tl.sum(total, axis=1), axis=0)                   # (BLOCK_N,)
+
+
+@triton.jit
+def merge_split_k(part, partial_ptr, arrivals_ptr, pid_n, pid_k, ns, N, SPLIT_K: tl.constexpr):
+    """(last, sums): whether this program finishes its block of outputs, and, if it does, the sums over
+    all SPLIT_K slices. Each slice leaves its sums in `partial`; the last of the block's programs to
+    arrive (one atomic counter per block of outputs) adds them in a fixed order, so the result is the
+    same every run: one launch, no second reduction kernel."""
+    last = pid_k == pid_k                                          # True, as a tensor: see below
+    sums = part
+    if SPLIT_K > 1:
         tl.store(partial_ptr + pid_k * N + ns, part)
         tl.debug_barrier()                                         # every thread's store before the count
         arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            summed = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        last = arrived == SPLIT_K - 1
+        if last:
+            sums = tl.zeros_like(part)
             for k in range(SPLIT_K):                               # .cg: from L2, never a stale L1 line
-                summed += tl.load(partial_ptr + k * N + ns, cache_modifier=".cg")
-            tl.store(y_ptr + outs, summed.to(y_ptr.dtype.element_ty), mask=outs < N)
+                sums += tl.load(partial_ptr + k * N + ns, cache_modifier=".cg")
             tl.atomic_xchg(arrivals_ptr + pid_n, 0)                # ready for the next call (and graph replay)
+    return last, sums
 
 
 @triton.jit
@@ -192,6 +218,18 @@ def gemv_config(n: int, k: int, group_size: int, sms: int) -> tuple[int, int, in
     return 64, 1, split_k, 4
 
 
+_sms: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """How many SMs gemv_config spreads the programs over (4 for the interpreter: a few slices to test)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _sms:
+        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device]
+
+
 def int4_gemv(x: torch.Tensor, weights: Int4Weights, asm: bool | None = None, config=None) -> torch.Tensor:
     """x (1, K) -> y = x @ W.T (1, N) in x's dtype, from the kernel layout."""
     M, K = x.shape
@@ -199,8 +237,7 @@ def int4_gemv(x: torch.Tensor, weights: Int4Weights, asm: bool | None = None, co
     assert M == 1 and weights.words.shape[0] * 8 == K
     if asm is None:
         asm = x.device.type == "cuda"                      # the interpreter runs no PTX
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 4
-    block_n, per_step, split_k, warps = config or gemv_config(N, K, weights.group_size, sms)
+    block_n, per_step, split_k, warps = config or gemv_config(N, K, weights.group_size, sm_count(x.device))
     n_groups = K // weights.group_size
     if n_groups % (per_step * split_k):
         raise ValueError(f"int4_gemv: {n_groups} groups do not split into {split_k} slices of {per_step}-group steps")
