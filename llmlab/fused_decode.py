@@ -79,25 +79,29 @@ def make_int4_layouts(model: Transformer) -> None:
                 fused_int4.stacked([mlp.w_down]))
 
 
+def products_of(model: Transformer):
+    """The step's product kernels (matvec, qkv_rope_cache) for the model's weights, and each block's four
+    weights (qkv, o, gate_up, down) in the layout those kernels read. The LM head is float either way."""
+    if int4_weights(model):
+        fused_int4 = triton_kernel("fused_int4")
+        return fused_int4.matvec, fused_int4.qkv_rope_cache, [block.int4_layout for block in model.layers]
+    weights = [(block.attention.wqkv, block.attention.wo.weight, block.mlp.w_gate_up, block.mlp.w_down.weight)
+               for block in model.layers]
+    return triton_kernel("fused_matvec").matvec, triton_kernel("fused_qkv").qkv_rope_cache, weights
+
+
 def decode_logits(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """token (batch, 1) at positions pos (batch,) -> logits (batch, vocab); writes k, v at pos into the cache.
 
     The same numbers as model(token, start_pos=pos, cache=cache)[:, -1], up to the order of the sums
     (each dot product is accumulated in fp32 in blocks) and one rounding fewer between fused operations."""
-    head_matvec = matvec = triton_kernel("fused_matvec").matvec
-    qkv_rope_cache = triton_kernel("fused_qkv").qkv_rope_cache
-    int4 = int4_weights(model)
-    if int4:
-        matvec, qkv_rope_cache = triton_kernel("fused_int4").matvec, triton_kernel("fused_int4").qkv_rope_cache
+    matvec, qkv_rope_cache, weights = products_of(model)
     attend = triton_kernel("decode_attention").decode_attention_at_positions
     shard = tensor_parallel_of(model)
     total = (lambda partial: partial) if shard is None else shard.all_reduce     # of the row-parallel products
     on_one_rank = shard is None or shard.rank == 0                                 # the residual, added once
     x = model.embed(token[:, 0])                                                    # (batch, dim)
-    for i, block in enumerate(model.layers):
-        attention, mlp = block.attention, block.mlp
-        wqkv, wo, w_gate_up, w_down = block.int4_layout if int4 else \
-            (attention.wqkv, attention.wo.weight, mlp.w_gate_up, mlp.w_down.weight)
+    for i, (block, (wqkv, wo, w_gate_up, w_down)) in enumerate(zip(model.layers, weights)):
         keys, values = cache.keys[i], cache.values[i]
         q = qkv_rope_cache(x, block.attn_norm.weight, block.attn_norm.eps, wqkv,
                            model.rope_cos, model.rope_sin, pos, keys, values)      # (batch, heads, head_dim)
@@ -105,5 +109,5 @@ def decode_logits(model: Transformer, token: torch.Tensor, pos: torch.Tensor, ca
         h = total(matvec(o, wo, residual=x if on_one_rank else None))
         g = matvec(h, w_gate_up, norm=block.mlp_norm.weight, eps=block.mlp_norm.eps, glu=True)
         x = total(matvec(g, w_down, residual=h if on_one_rank else None))
-    logits = head_matvec(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
+    logits = triton_kernel("fused_matvec").matvec(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
     return logits if shard is None else model.head.gather(logits)
