@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import arrival_counters, dependent_launch
 from .fused_matvec import wait_for_previous_kernel
+from .fused_qkv import rope_into_cache
 from .int4_gemv import Int4Weights, gemv_config, int4_slice_sums, merge_split_k, prepare_int4, sm_count
 
 
@@ -57,8 +58,10 @@ def fused_int4_kernel(x_ptr, norm_ptr, words_ptr, scales_ptr, offsets_ptr, y_ptr
                 y = first * tl.sigmoid(first) * second                      # silu(gate) * up
                 tl.store(y_ptr + seq * (N // 2) + outs, y.to(y_ptr.dtype.element_ty), mask=outs < N // 2)
             else:
-                rope_into_cache(first, second, pid_n * BLOCK_N, seq, y_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr,
-                                v_cache_ptr, n_heads, n_kv_heads, max_seq_len, HEAD_DIM, BLOCK_N)
+                head, column = pid_n * BLOCK_N // HEAD_DIM, pid_n * BLOCK_N % HEAD_DIM  # BLOCK_N divides HEAD_DIM
+                pairs = column // 2 + tl.arange(0, BLOCK_N // 2)
+                rope_into_cache(first, second, head, pairs, seq, y_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr,
+                                v_cache_ptr, n_heads, n_kv_heads, max_seq_len, HEAD_DIM)
 
 
 @triton.jit
@@ -70,31 +73,6 @@ def inverse_rms(x_ptr, K, eps):
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         squares += x * x
     return tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-
-
-@triton.jit
-def rope_into_cache(x1, x2, first_column, seq, q_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr,
-                    n_heads, n_kv_heads, max_seq_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows i (x1) and i + d/2 (x2) of one head of [q; k; v], as in fused_qkv: q and k rotated by the
-    angle of the sequence's position, q written out, k and v into the cache at that position."""
-    half: tl.constexpr = HEAD_DIM // 2
-    head = first_column // HEAD_DIM                                # BLOCK_N divides HEAD_DIM
-    pairs = (first_column % HEAD_DIM) // 2 + tl.arange(0, BLOCK_N // 2)
-    pos = tl.load(pos_ptr + seq)
-    if head < n_heads + n_kv_heads:                                # q and k heads turn; v heads do not
-        cos = tl.load(cos_ptr + pos * HEAD_DIM + pairs)
-        sin = tl.load(sin_ptr + pos * HEAD_DIM + pairs)
-        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    # never write past the cache, whatever pos holds
-    in_bounds = pairs < tl.where((head < n_heads) | (pos < max_seq_len), half, 0)
-    if head < n_heads:
-        out = q_ptr + (seq * n_heads + head) * HEAD_DIM
-    elif head < n_heads + n_kv_heads:
-        out = k_cache_ptr + ((seq * n_kv_heads + head - n_heads) * max_seq_len + pos) * HEAD_DIM
-    else:
-        out = v_cache_ptr + ((seq * n_kv_heads + head - n_heads - n_kv_heads) * max_seq_len + pos) * HEAD_DIM
-    tl.store(out + pairs, x1.to(q_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(out + half + pairs, x2.to(q_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def _launch(x, weights: Int4Weights, y, epilogue: str, norm=None, eps=0.0, residual=None, rope=None, block_n=None):

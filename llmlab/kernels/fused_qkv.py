@@ -23,7 +23,6 @@ from . import dependent_launch
 from .fused_matvec import load_weights, wait_for_previous_kernel
 
 
-
 @triton.jit
 def qkv_rope_cache_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                           n_cols, eps, n_heads, n_kv_heads, max_seq_len,
@@ -51,11 +50,22 @@ def qkv_rope_cache_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
                                  True, True, BLOCK_K)
     scale = tl.rsqrt(tl.sum(squares, axis=0) / n_cols + eps)
     acc1, acc2 = tl.sum(acc1, axis=1) * scale, tl.sum(acc2, axis=1) * scale
+    rope_into_cache(acc1, acc2, head, pairs, seq, q_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr,
+                    n_heads, n_kv_heads, max_seq_len, HEAD_DIM)
+
+
+@triton.jit
+def rope_into_cache(x1, x2, head, pairs, seq, q_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr,
+                    n_heads, n_kv_heads, max_seq_len, HEAD_DIM: tl.constexpr):
+    """Rows i (x1) and i + d/2 (x2), i in `pairs`, of one head of [q; k; v]: q and k rotated by the angle
+    of the sequence's position, q written out, k and v into the cache at that position. Shared with the
+    int4 kernel (fused_int4)."""
+    half: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + seq)
     if head < n_heads + n_kv_heads:                                # q and k heads turn; v heads do not
         cos = tl.load(cos_ptr + pos * HEAD_DIM + pairs)
         sin = tl.load(sin_ptr + pos * HEAD_DIM + pairs)
-        acc1, acc2 = acc1 * cos - acc2 * sin, acc2 * cos + acc1 * sin
+        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     # never write past the cache, whatever pos holds
     in_bounds = pairs < tl.where((head < n_heads) | (pos < max_seq_len), half, 0)
     if head < n_heads:
@@ -64,8 +74,8 @@ def qkv_rope_cache_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
         out = k_cache_ptr + ((seq * n_kv_heads + head - n_heads) * max_seq_len + pos) * HEAD_DIM
     else:
         out = v_cache_ptr + ((seq * n_kv_heads + head - n_heads - n_kv_heads) * max_seq_len + pos) * HEAD_DIM
-    tl.store(out + pairs, acc1.to(q_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(out + half + pairs, acc2.to(q_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out + pairs, x1.to(q_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out + half + pairs, x2.to(q_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def qkv_rope_cache(x: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: torch.Tensor, cos: torch.Tensor,
