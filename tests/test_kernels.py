@@ -168,6 +168,23 @@ def test_int4_gemv_layout_steps_and_split_k(config):
     assert all(not c.any() for c in kernels._arrivals.values())
 
 
+@pytest.mark.parametrize("m, k, group_size, config", [
+    (3, 576, 32, None),             # SmolLM2's K: 4.5 steps of 128 columns, the last one masked
+    (3, 576, 64, (32, 1, 4, 3)),
+    (9, 1024, 128, (64, 8, 4, 3)),  # one group a step, 8 slices merged by the last to arrive
+    (70, 1024, 256, (16, 4, 4, 3)), # two blocks of 64 rows, each with its own counters
+])
+def test_int4_gemm_steps_groups_and_split_k(m, k, group_size, config):
+    """The GEMM's every cut (steps past K, several groups a step or one, K slices merged in the kernel)
+    gives the product; the arrival counters are left at zero for the next call or graph replay."""
+    packed, scales, offsets = random_int4(100, k, group_size, torch.float32)
+    x = torch.randn(m, k)
+    for _ in range(2):
+        y = int4_matmul(x, packed, scales, offsets, group_size, config=config)
+        assert_close_to_scale(y, int4_matmul_reference(x, packed, scales, offsets, group_size), DOT_TOL[torch.float32])
+    assert all(not c.any() for c in kernels._arrivals.values())
+
+
 def test_int4_gemv_refuses_a_split_that_does_not_divide_the_groups():
     weights = prepare_int4(*random_int4(8, 640, 64, torch.float32), 64)   # 10 groups
     with pytest.raises(ValueError, match="10 groups do not split into 4"):

@@ -13,6 +13,13 @@ Two kernels: one token (M = 1) takes a GEMV made of FMAs, from its own layout (I
 once at load by prepare_int4); several (a batch, a prefill) take a GEMM on the tensor cores, which
 needs at least 16 rows of x and wastes the padding at M = 1.
 
+The GEMM, on the same H200 at 2 / 4 / 8 / 16 rows of x @ 14336 x 4096 (data/benchmarks/h200-int4-kernels.json):
+the first version converted each nibble with an integer-to-float conversion and took one group a step
+without splitting K: 50 / 53 / 61 / 75 us (0.60-0.40x bf16), and 150 us at 4096 x 14336, where 64
+programs ran on 132 SMs. This one makes each weight's float as the GEMV does (one lop3), multiplies the
+four bytes of each word as four tiles with their own tl.dot instead of interleaving them, and splits K,
+merged in the kernel like the GEMV: 33.5 / 34.2 / 36.7 / 44.1 us, 0.89-0.69x bf16 (tinygemm: 19-70 us).
+
 The GEMV, measured on an H200 at 1 x 4096 @ 4096 x 14336, group 128 (data/benchmarks/h200-kernels.json):
 the first version, a multiply-add per weight after scaling each weight (w = q s + o) and converting
 each nibble, took 28.7 us, 1.08x cuBLAS's bf16 GEMV: it issued ~8 instructions per weight. This one
@@ -125,50 +132,70 @@ def int4_slice_sums(x_ptr, norm_ptr, words_ptr, scales_ptr, offsets_ptr, ns, fir
 
 
 @triton.jit
-def merge_split_k(part, partial_ptr, arrivals_ptr, pid_n, pid_k, ns, N, SPLIT_K: tl.constexpr):
+def merge_split_k(part, partial_ptr, arrivals_ptr, counter, pid_k, where, slice_size, SPLIT_K: tl.constexpr):
     """(last, sums): whether this program finishes its block of outputs, and, if it does, the sums over
-    all SPLIT_K slices. Each slice leaves its sums in `partial`; the last of the block's programs to
-    arrive (one atomic counter per block of outputs) adds them in a fixed order, so the result is the
-    same every run: one launch, no second reduction kernel."""
+    all SPLIT_K slices. Each slice leaves its sums `part` in `partial` (slice k at k * slice_size + where,
+    any shape of offsets); the last of the block's programs to arrive (counting itself in on arrival
+    counter `counter`) adds them in a fixed order, so the result is the same every run: one launch, no
+    second reduction kernel."""
     last = pid_k == pid_k                                          # True, as a tensor: see below
     sums = part
     if SPLIT_K > 1:
-        tl.store(partial_ptr + pid_k * N + ns, part)
+        tl.store(partial_ptr + pid_k * slice_size + where, part)
         tl.debug_barrier()                                         # every thread's store before the count
-        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel")
+        arrived = tl.atomic_add(arrivals_ptr + counter, 1, sem="acq_rel")
         last = arrived == SPLIT_K - 1
         if last:
             sums = tl.zeros_like(part)
             for k in range(SPLIT_K):                               # .cg: from L2, never a stale L1 line
-                sums += tl.load(partial_ptr + k * N + ns, cache_modifier=".cg")
-            tl.atomic_xchg(arrivals_ptr + pid_n, 0)                # ready for the next call (and graph replay)
+                sums += tl.load(partial_ptr + k * slice_size + where, cache_modifier=".cg")
+            tl.atomic_xchg(arrivals_ptr + counter, 0)              # ready for the next call (and graph replay)
     return last, sums
 
 
 @triton.jit
-def int4_gemm_kernel(x_ptr, packed_ptr, scales_ptr, offsets_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn,
-                     stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program: y[BLOCK_M rows, BLOCK_N outputs], one quantization group per step.
-    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    js = tl.arange(0, GROUP // 2)
-    x_mask = ms[:, None] < M
+def int4_gemm_kernel(x_ptr, rows_ptr, scales_ptr, offsets_ptr, y_ptr, partial_ptr, arrivals_ptr, M, N, K,
+                     STEPS_PER_SPLIT, stride_xm, stride_sn, stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr):
+    # One program: y[BLOCK_M rows, BLOCK_N outputs] over one K-slice, 16 words (128 columns) a step, on
+    # the tensor cores. rows[n, j] is packed row n read as 32-bit words, W[n, 8j : 8j + 8]. Each weight
+    # becomes a float as in the GEMV (half a shift, one lop3: f = 128 + q / 2 or 128 + 8 q) and then
+    # w = q s + o in one FMA, f (2 s) + (o - 256 s) or f (s / 8) + (o - 16 s). The four bytes of a word
+    # are four (BLOCK_N, 16) tiles of columns 8j + 2b and 8j + 2b + 1, each multiplied by the matching
+    # columns of x in its own tl.dot: the tiles are never interleaved back into column order.
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N            # wrapped, not masked: see matmul.py
+    n_words = K // 8
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, K // GROUP):
-        packed = tl.load(packed_ptr + ns[:, None] * stride_pn + g * (GROUP // 2) + js[None, :])  # (BLOCK_N, GROUP/2)
-        scale = tl.load(scales_ptr + ns * stride_sn + g).to(tl.float32)[:, None]              # (BLOCK_N, 1)
-        offset = tl.load(offsets_ptr + ns * stride_sn + g).to(tl.float32)[:, None]
-        # Rather than interleave the nibbles, each half meets the matching (even or odd) columns of x.
-        w_even = ((packed & 0xF).to(tl.float32) * scale + offset).to(x_ptr.dtype.element_ty)
-        w_odd = ((packed >> 4).to(tl.float32) * scale + offset).to(x_ptr.dtype.element_ty)
-        x_cols = x_ptr + ms[:, None] * stride_xm + g * GROUP + 2 * js[None, :]
-        x_even = tl.load(x_cols, mask=x_mask, other=0.0)                                       # (BLOCK_M, GROUP/2)
-        x_odd = tl.load(x_cols + 1, mask=x_mask, other=0.0)
-        acc = tl.dot(x_even, tl.trans(w_even), acc)
-        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-    out_ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + ms[:, None] * stride_ym + out_ns[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=x_mask & (out_ns[None, :] < N))
+    for step in range(pid_k * STEPS_PER_SPLIT, (pid_k + 1) * STEPS_PER_SPLIT):
+        js = step * 16 + tl.arange(0, 16)                         # the step's words; past K only if K % 128
+        inside = js < n_words
+        words = tl.load(rows_ptr + ns[:, None] * n_words + js[None, :], mask=inside[None, :], other=0)
+        if GROUP >= 128:                                           # the step lies in one group
+            scale = tl.load(scales_ptr + ns * stride_sn + step * 128 // GROUP).to(tl.float32)[:, None]
+            offset = tl.load(offsets_ptr + ns * stride_sn + step * 128 // GROUP).to(tl.float32)[:, None]
+        else:                                                      # several: each word's own
+            groups = ns[:, None] * stride_sn + (js // (GROUP // 8))[None, :]
+            scale = tl.load(scales_ptr + groups, mask=inside[None, :], other=0.0).to(tl.float32)
+            offset = tl.load(offsets_ptr + groups, mask=inside[None, :], other=0.0).to(tl.float32)
+        low = (2.0 * scale, offset - 256.0 * scale)                # f = 128 + q / 2 -> q s + o
+        high = (0.125 * scale, offset - 16.0 * scale)              # f = 128 + 8 q   -> q s + o
+        x_cols = x_ptr + ms[:, None] * stride_xm + 8 * js[None, :]
+        x_mask = (ms[:, None] < M) & inside[None, :]
+        for b in tl.static_range(4):                               # byte b: columns 8j + 2b, 8j + 2b + 1
+            byte = words << 15 if b == 0 else (words << 7 if b == 1 else (words >> 1 if b == 2 else words >> 9))
+            w = tl.fma(nibble_as_float(byte, 0x00078000, ASM), low[0], low[1]).to(x_ptr.dtype.element_ty)
+            acc = tl.dot(tl.load(x_cols + 2 * b, mask=x_mask, other=0.0), tl.trans(w), acc)
+            w = tl.fma(nibble_as_float(byte, 0x00780000, ASM), high[0], high[1]).to(x_ptr.dtype.element_ty)
+            acc = tl.dot(tl.load(x_cols + 2 * b + 1, mask=x_mask, other=0.0), tl.trans(w), acc)
+    where = ms[:, None] * N + ns[None, :]                          # in one slice's (rows, N) sums
+    last, sums = merge_split_k(acc, partial_ptr, arrivals_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, where,
+                               tl.num_programs(1) * BLOCK_M * N, SPLIT_K)
+    if last:
+        outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + ms[:, None] * stride_ym + outs[None, :], sums.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (outs[None, :] < N))
 
 
 def check_group_size(K: int, group_size: int) -> None:
@@ -218,6 +245,18 @@ def gemv_config(n: int, k: int, group_size: int, sms: int) -> tuple[int, int, in
     return 64, 1, split_k, 4
 
 
+def gemm_config(n: int, k: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, SPLIT_K, num_warps, num_stages) of the int4 GEMM: 128 outputs a program, 8 warps, 3
+    stages, and K split until there are 1.5 programs per SM (at most 16 slices). Of 45 configurations
+    timed on an H200 at 2 and 16 rows for every decode shape of Llama-3-8B and 3.2-1B
+    (data/benchmarks/h200-int4-gemm-sweep.json), this rule is 1.06x the best on average, 1.25x at worst."""
+    steps = -(-k // 128)
+    split_k = 1
+    while -(-n // 128) * split_k < 1.5 * sms and split_k < 16 and steps % (split_k * 2) == 0:
+        split_k *= 2
+    return 128, split_k, 8, 3
+
+
 _sms: dict = {}
 
 
@@ -254,7 +293,7 @@ def int4_gemv(x: torch.Tensor, weights: Int4Weights, asm: bool | None = None, co
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                group_size: int, prepared: Int4Weights | None = None) -> torch.Tensor:
+                group_size: int, prepared: Int4Weights | None = None, config=None) -> torch.Tensor:
     """x (M, K) -> y = x @ W.T, (M, N) in x's dtype. One token takes the GEMV (from the kernel layout,
     `prepared`, made here if not given), more the GEMM."""
     M, K = x.shape
@@ -264,12 +303,19 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, off
     check_group_size(K, group_size)
     if M == 1:
         return int4_gemv(x, prepared or prepare_int4(packed, scales, offsets, group_size))
-    x, packed = x.contiguous(), packed.contiguous()
+    x, rows = x.contiguous(), packed.contiguous().view(torch.int32)            # (N, K/8) words
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    block_m = min(64, max(16, triton.next_power_of_2(M)))
-    int4_gemm_kernel[(triton.cdiv(N, 64), triton.cdiv(M, block_m))](
-        x, packed, scales, offsets, y, M, N, K, x.stride(0), packed.stride(0), scales.stride(0), y.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=4)
+    block_m, steps = (16 if M <= 16 else 64), triton.cdiv(K // 8, 16)
+    block_n, split_k, warps, stages = config or gemm_config(N, K, sm_count(x.device))
+    if steps % split_k:
+        raise ValueError(f"int4_matmul: {steps} steps of 128 columns do not split into {split_k} slices")
+    m_blocks, n_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    partial = torch.empty(split_k * m_blocks * block_m * N, device=x.device, dtype=torch.float32) if split_k > 1 else y
+    arrivals = arrival_counters("int4_gemm", x.device, m_blocks * n_blocks) if split_k > 1 else y
+    int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
+        x, rows, scales, offsets, y, partial, arrivals, M, N, K, steps // split_k, x.stride(0), scales.stride(0),
+        y.stride(0), GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
+        ASM=x.device.type == "cuda", num_warps=warps, num_stages=stages)
     return y
 
 
