@@ -16,8 +16,8 @@ import llmlab.kernels  # noqa: F401 -- before triton: `import llmlab` switches o
 import triton
 
 from .. import probe
-from ..kernels.int4_gemv import int4_matmul_reference
 from ..corpus import prompt_ids
+from ..kernels.int4_gemv import int4_matmul_reference
 from ..quant.packing import pack_int4
 from ..quant.quantize import quantize_asymmetric
 from . import check, unanswered

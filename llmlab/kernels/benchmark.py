@@ -258,7 +258,7 @@ def int4_load_only(x, weights):
                                              torch.cuda.get_device_properties(x.device).multi_processor_count)
     sums = torch.empty(split_k * n, device=x.device, dtype=torch.int32)
     load_only_kernel()[(triton.cdiv(n, block_n), split_k)](weights.words, sums, n, weights.words.shape[0] // split_k,
-                                                         BLOCK_N=block_n, num_warps=warps)
+                                                         BLOCK_N=block_n, WORDS=weights.group_size // 8, num_warps=warps)
     return sums
 
 
@@ -268,12 +268,12 @@ def load_only_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(words_ptr, sums_ptr, N, ROWS_PER_SPLIT, BLOCK_N: tl.constexpr):
+    def kernel(words_ptr, sums_ptr, N, ROWS_PER_SPLIT, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
         ns = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        js = tl.arange(0, 16)
-        total = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+        js = tl.arange(0, WORDS)
+        total = tl.zeros((WORDS, BLOCK_N), dtype=tl.int32)
         first = tl.program_id(1) * ROWS_PER_SPLIT
-        for j in range(first, first + ROWS_PER_SPLIT, 16):       # 16 words (one group of 128) a step
+        for j in range(first, first + ROWS_PER_SPLIT, WORDS):    # one group's words a step, as the GEMV
             total += tl.load(words_ptr + (j + js)[:, None] * N + ns[None, :])
         tl.store(sums_ptr + tl.program_id(1) * N + ns, tl.sum(total, axis=0))
     return kernel
@@ -285,9 +285,8 @@ def tinygemm_set(x, packed, scales, offsets, group):
     W = (q - 8) * scale + zero, so zero = offset + 8 * scale."""
     swapped = ((packed & 0xF) << 4) | (packed >> 4)
     tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
-    zeros = offsets.float() + 8 * scales.float()
-    scales_and_zeros = torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).contiguous().to(x.dtype)
-    return x, tiled, group, scales_and_zeros
+    from ..quant.linear import scales_and_zeros
+    return x, tiled, group, scales_and_zeros(scales, offsets).to(x.dtype)
 
 
 def bench_int4_gemv() -> list[dict]:

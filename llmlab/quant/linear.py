@@ -63,6 +63,13 @@ class Int8Linear(nn.Module):
         return dequantize(self.weight, self.scale[:, None])
 
 
+def scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """PyTorch's int4 kernels' table (K/group, N, 2) for the same weights: they compute
+    W = (q - 8) * scale + zero, so zero = offset + 8 * scale (in fp32, rounded once by the caller)."""
+    scales, offsets = scales.float(), offsets.float()
+    return torch.stack([scales, offsets + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+
+
 class Int4Linear(nn.Module):
     """Group-wise int4, W[n, k] = q[n, k] * scale[n, g] + offset[n, g] with g = k // group_size.
 
@@ -94,10 +101,8 @@ class Int4Linear(nn.Module):
         if weight.device.type == "cpu":
             inner_k_tiles = 2   # how many 16-column tiles the kernel interleaves; any of 2, 4, 8 gives the same result
             cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), inner_k_tiles)
-            zero = offset + 8 * scale                                     # computed in fp32, then rounded once
-            scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("cpu_packed", cpu_packed)
-            self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))   # (K/group, N, 2)
+            self.register_buffer("scales_and_zeros", scales_and_zeros(scale, offset).to(dtype))   # (K/group, N, 2)
         self.int8_dot = False          # kernels="int8-dot": int8 activations, integer dot products (CPU)
         self.kernel_layout = None      # llmlab.kernels.int4_gemv.Int4Weights, on CUDA (see forward)
 
