@@ -20,6 +20,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from ..quant.linear import scales_and_zeros
+
 METHOD = ("median over 20 samples, each one CUDA-graph replay of several back-to-back calls (enough for "
           "~1 ms) timed with CUDA events and divided by the calls, after a warm-up that compiles the "
           "kernels (the 1 GiB copy is timed eagerly: see bench_copy); inputs of memory-bound benchmarks "
@@ -252,10 +254,9 @@ def int4_load_only(x, weights):
     (the words are summed as integers so that the loads are not optimised away)."""
     import triton
 
-    from .int4_gemv import gemv_config
+    from .int4_gemv import gemv_config, sm_count
     n = weights.words.shape[1]
-    block_n, _, split_k, warps = gemv_config(n, x.shape[1], weights.group_size,
-                                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+    block_n, _, split_k, warps = gemv_config(n, x.shape[1], weights.group_size, sm_count(x.device))
     sums = torch.empty(split_k * n, device=x.device, dtype=torch.int32)
     load_only_kernel()[(triton.cdiv(n, block_n), split_k)](weights.words, sums, n, weights.words.shape[0] // split_k,
                                                          BLOCK_N=block_n, WORDS=weights.group_size // 8, num_warps=warps)
@@ -285,7 +286,6 @@ def tinygemm_set(x, packed, scales, offsets, group):
     W = (q - 8) * scale + zero, so zero = offset + 8 * scale."""
     swapped = ((packed & 0xF) << 4) | (packed >> 4)
     tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
-    from ..quant.linear import scales_and_zeros
     return x, tiled, group, scales_and_zeros(scales, offsets).to(x.dtype)
 
 

@@ -15,8 +15,8 @@ needs at least 16 rows of x and wastes the padding at M = 1.
 
 The GEMM, on the same H200 at 2 / 4 / 8 / 16 rows of x @ 14336 x 4096 (data/benchmarks/h200-int4-kernels.json):
 the first version converted each nibble with an integer-to-float conversion and took one group a step
-without splitting K: 50 / 53 / 61 / 75 us (0.60-0.40x bf16), and 150 us at 4096 x 14336, where 64
-programs ran on 132 SMs. This one makes each weight's float as the GEMV does (one lop3), multiplies the
+without splitting K: 50 / 53 / 61 / 75 us (0.60-0.40x bf16; at 4096 x 14336 only 64 programs for
+132 SMs). This one makes each weight's float as the GEMV does (one lop3), multiplies the
 four bytes of each word as four tiles with their own tl.dot instead of interleaving them, and splits K,
 merged in the kernel like the GEMV: 33.5 / 34.2 / 36.7 / 44.1 us, 0.89-0.69x bf16 (tinygemm: 19-70 us).
 
@@ -61,6 +61,19 @@ def nibble_as_float(bits, MASK: tl.constexpr, ASM: tl.constexpr):
     else:                                  # the same bits in plain Triton: what the interpreter runs
         out = (bits & MASK) | 0x43000000
     return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def byte_at_bit_15(words, B: tl.constexpr):
+    """Each word shifted so that its byte B lies at bits 15-22, where nibble_as_float reads its two nibbles."""
+    if B == 0:
+        return words << 15
+    elif B == 1:
+        return words << 7
+    elif B == 2:
+        return words >> 1
+    else:
+        return words >> 9
 
 
 @triton.jit
@@ -114,7 +127,7 @@ def int4_slice_sums(x_ptr, norm_ptr, words_ptr, scales_ptr, offsets_ptr, ns, fir
         x_sum = tl.zeros((GROUPS_PER_STEP, GROUP // 8), dtype=tl.float32)      # sum of x over each word
         x_seen = tl.zeros((GROUPS_PER_STEP, GROUP // 8), dtype=tl.float32)     # ... as the FMAs see it
         for b in tl.static_range(4):
-            byte = words << 15 if b == 0 else (words << 7 if b == 1 else (words >> 1 if b == 2 else words >> 9))
+            byte = byte_at_bit_15(words, b)
             x_even = tl.load(x_ptr + word_rows * 8 + 2 * b).to(tl.float32)                 # (U, G/8)
             x_odd = tl.load(x_ptr + word_rows * 8 + 2 * b + 1).to(tl.float32)
             if NORM:                                               # the norm's weights; its 1/rms waits
@@ -184,7 +197,7 @@ def int4_gemm_kernel(x_ptr, rows_ptr, scales_ptr, offsets_ptr, y_ptr, partial_pt
         x_cols = x_ptr + ms[:, None] * stride_xm + 8 * js[None, :]
         x_mask = (ms[:, None] < M) & inside[None, :]
         for b in tl.static_range(4):                               # byte b: columns 8j + 2b, 8j + 2b + 1
-            byte = words << 15 if b == 0 else (words << 7 if b == 1 else (words >> 1 if b == 2 else words >> 9))
+            byte = byte_at_bit_15(words, b)
             w = tl.fma(nibble_as_float(byte, 0x00078000, ASM), low[0], low[1]).to(x_ptr.dtype.element_ty)
             acc = tl.dot(tl.load(x_cols + 2 * b, mask=x_mask, other=0.0), tl.trans(w), acc)
             w = tl.fma(nibble_as_float(byte, 0x00780000, ASM), high[0], high[1]).to(x_ptr.dtype.element_ty)
