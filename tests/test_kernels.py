@@ -225,6 +225,13 @@ def test_flash_attention_refuses_more_queries_than_keys():
         flash_attention(q, k, v)
 
 
+def test_flash_attention_tma_refused_where_there_is_none():
+    """TMA is a Hopper copy engine: asked for on a CPU (the interpreter), the call says so and how to fix it."""
+    q, k, v = qkv(1, 4, 2, 8, 8, 16, torch.float16)
+    with pytest.raises(ValueError, match="tma=True needs a Hopper"):
+        flash_attention(q, k, v, tma=True)
+
+
 def cache_view(batch, n_kv_heads, length, head_dim, dtype, capacity=320, device="cpu"):
     """The first `length` positions of a preallocated cache: a view whose head stride is capacity * d."""
     return torch.randn(batch, n_kv_heads, capacity, head_dim, device=device).to(dtype)[:, :, :length]
@@ -327,6 +334,33 @@ def test_gpu_int4_gemv_lop3_asm_equals_plain_triton_and_replays_in_a_graph():
 def test_gpu_flash_attention(dtype, head_dim, q_len, kv_len):
     q, k, v = qkv(2, 32, 8, q_len, kv_len, head_dim, dtype, device="cuda")
     assert_close_to_scale(flash_attention(q, k, v), flash_attention_reference(q, k, v), GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+@gpu_dtypes
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_len, kv_len", [(1000, 1000), (300, 1333), (1, 777)])
+def test_gpu_flash_attention_through_tma(dtype, head_dim, q_len, kv_len):
+    """The TMA path over views of a cache with room left: tiles past the keys must come back as zeros
+    (not the next positions' stale rows), tiles past the queries must not be written; and it agrees
+    with the pointer path to the reference's tolerance."""
+    q = torch.randn(2, 32, q_len, head_dim, device="cuda", dtype=dtype)
+    k = cache_view(2, 8, kv_len, head_dim, dtype, capacity=kv_len + 200, device="cuda")
+    v = cache_view(2, 8, kv_len, head_dim, dtype, capacity=kv_len + 200, device="cuda")
+    for t in (k, v):                          # the positions past kv_len: poison, never to be read
+        t.as_strided((2, 8, 200, head_dim), t.stride(), t.storage_offset() + kv_len * head_dim).fill_(float("nan"))
+    expected = flash_attention_reference(q, k, v)
+    assert_close_to_scale(flash_attention(q, k, v, tma=True), expected, GPU_TOL[dtype])
+    assert_close_to_scale(flash_attention(q, k, v, tma=False), expected, GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attention_tma_refuses_heads_that_do_not_merge_with_the_batch():
+    q, k, v = qkv(2, 16, 16, 64, 64, 128, torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="merge into one stride"):
+        flash_attention(q[:, :8], k[:, :8], v[:, :8], tma=True)
+    assert_close_to_scale(flash_attention(q[:, :8], k[:, :8], v[:, :8]),         # tma=None: pointers
+                          flash_attention_reference(q[:, :8], k[:, :8], v[:, :8]), GPU_TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

@@ -101,8 +101,15 @@ def default_splits(q: torch.Tensor, batch: int, n_kv_heads: int) -> int:
     return min(64, triton.cdiv(n_sms, batch * n_kv_heads))
 
 
+def default_block_n(keys_per_split: int) -> int:
+    """Keys per step: 64, or 128 once a split holds more than 256 keys. Measured on an H200 (batch 1,
+    8 KV heads, 17 splits): 128 reads 0.86 of copy bandwidth at 32k keys where 64 reads 0.75, but
+    with 256 keys per split (4k) a step of 128 leaves two steps, too few to hide the first loads."""
+    return 128 if keys_per_split > 256 else 64
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """q (batch, n_heads, 1, head_dim); k, v (batch, n_kv_heads, L, head_dim), any strides with the
     last dimension contiguous (e.g. cache[:, :, :L], a view of a preallocated cache).
 
@@ -116,26 +123,29 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_splits
         raise ValueError("head_dim must be a power of two, the last dimension contiguous, and L >= 1")
     n_splits = n_splits or default_splits(q, batch, n_kv_heads)
     # Whole BLOCK_N blocks per split, and no empty split (its lse would be -inf - -inf).
-    split_len = triton.cdiv(triton.cdiv(kv_len, min(n_splits, kv_len)), block_n) * block_n
+    keys_per_split = triton.cdiv(kv_len, min(n_splits, kv_len))
+    block_n = block_n or default_block_n(keys_per_split)
+    split_len = triton.cdiv(keys_per_split, block_n) * block_n
     return _attend(q, k, v, None, split_len, block_n, num_warps, num_stages)
 
 
 def decode_attention_at_positions(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                                  block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                                  block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """The fixed-shape form: q (batch, n_heads, head_dim) of the token at pos (batch,), a tensor; k_cache,
     v_cache (batch, n_kv_heads, max_seq_len, head_dim), row b written at 0 .. pos[b]. The split length
     follows from max_seq_len alone, so the launch is the same at every step (a CUDA graph replays it);
     splits past pos[b] find nothing and weigh nothing."""
     batch, n_kv_heads, max_seq_len, _ = k_cache.shape
-    n_splits = default_splits(q, batch, n_kv_heads)
-    split_len = triton.cdiv(triton.cdiv(max_seq_len, n_splits), block_n) * block_n
+    keys_per_split = triton.cdiv(max_seq_len, default_splits(q, batch, n_kv_heads))
+    block_n = block_n or default_block_n(keys_per_split)
+    split_len = triton.cdiv(keys_per_split, block_n) * block_n
     return _attend(q, k_cache, v_cache, pos, split_len, block_n, num_warps, num_stages)
 
 
 def _attend(q, k, v, pos, split_len, block_n, num_warps, num_stages):
-    # dependent launch on the fixed-shape path only: there the kernels before and after are llmlab's own,
-    # which all wait for their predecessor before reading its output
-    pdl = pos is not None and dependent_launch(q.device)
+    # Dependent launch (Hopper): each kernel starts while the one before finishes, and waits for it
+    # (gdc_wait) before reading anything; the merge thus launches during the partials' last loads.
+    pdl = dependent_launch(q.device)
     batch, n_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     n_splits = triton.cdiv(kv_len, split_len)
