@@ -225,6 +225,19 @@ def test_flash_attention_refuses_more_queries_than_keys():
         flash_attention(q, k, v)
 
 
+def test_decode_attention_merges_in_one_launch_for_any_group_and_batch():
+    """The last split of each (batch, KV head) to arrive merges all its query heads' splits: 3 query heads
+    per KV head (padded to 4 in the merge's load), 2 sequences, 1, 3 and 4 splits (the last one ragged),
+    one call after the other: each must find the arrival counters back at zero."""
+    from llmlab import kernels
+    q = torch.randn(2, 9, 1, 64)
+    k, v = cache_view(2, 3, 200, 64, torch.float32), cache_view(2, 3, 200, 64, torch.float32)
+    for splits in (1, 3, 4):
+        o = decode_attention(q, k, v, n_splits=splits, block_n=32)
+        torch.testing.assert_close(o, decode_attention_reference(q, k, v), rtol=1e-4, atol=1e-4)
+    assert all(not c.any() for c in kernels._arrivals.values())
+
+
 def test_flash_attention_tma_refused_where_there_is_none():
     """TMA is a Hopper copy engine: asked for on a CPU (the interpreter), the call says so and how to fix it."""
     q, k, v = qkv(1, 4, 2, 8, 8, 16, torch.float16)

@@ -73,7 +73,7 @@ def _by_head(states, i: int, n_heads: int) -> torch.Tensor:
 
 def _online_steps(online_update, llm):
     """For each layer and key tile, the Steps comparing the reader's (m, l, acc) with the expected ones.
-    The GROUP query heads that share a KV head are the rows of one call, as in decode_partial_kernel."""
+    The GROUP query heads that share a KV head are the rows of one call, as in decode_attention_kernel."""
     for layer, (q, k, v) in zip(_layers(llm), _real_qkv(llm, _layers(llm))):
         visible = causal_mask(N_TOKENS, N_TOKENS, q.device)
         n_heads, n_kv_heads, d = q.shape[0], k.shape[0], q.shape[-1]
