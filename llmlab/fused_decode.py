@@ -1,4 +1,4 @@
-"""The decode step as six Triton kernels per layer (kernels="fused-decode"): fusion across the matmuls.
+"""The decode step as five Triton kernels per layer (kernels="fused-decode"): fusion across the matmuls.
 
 torch.compile fuses the elementwise operations *between* matmuls into generated kernels, but each matmul
 stays a library call (cuBLAS), so a layer still costs a dozen launches. At batch 1 a small model's step is
@@ -6,17 +6,17 @@ bound by those launches, not by its bytes (notebook 08). The cure is to fuse *in
 decode each is a matrix-vector product, simple enough to write by hand with its neighbours inside it.
 
     1  x -> RMSNorm -> [W_q; W_k; W_v] -> RoPE -> q, and k, v into the cache    kernels/fused_qkv.py
-    2  attention of q over the cache, split along the keys                      kernels/decode_attention.py
-    3  the splits combined                                                      (its reduction kernel)
-    4  h = x + W_o o                                                            kernels/fused_matvec.py
-    5  g = silu(W_gate n) * W_up n,  n = RMSNorm(h)                             (the same matvec kernel)
-    6  x = h + W_down g
+    2  attention of q over the cache, split along the keys, the splits merged   kernels/decode_attention.py
+       by the last to finish, in the same launch
+    3  h = x + W_o o                                                            kernels/fused_matvec.py
+    4  g = silu(W_gate n) * W_up n,  n = RMSNorm(h)                             (the same matvec kernel)
+    5  x = h + W_down g
 
-then RMSNorm and the LM head in one more. With int4 weights (weights="int4") the products 1, 4, 5, 6 are
+then RMSNorm and the LM head in one more. With int4 weights (weights="int4") the products 1, 3, 4, 5 are
 the same fusions around the int4 GEMV (kernels/fused_int4.py), reading each layer's weights in the
 kernels' own layout, made once when the step is built (another copy of the int4 bytes; the layers' own
 packed form stays for prefill); the LM head stays in the model's float dtype. Under tensor parallelism (llmlab.parallel) each rank runs the
-same kernels over its own heads and channels; the row-parallel products 4 and 6 are partial sums, all-reduced
+same kernels over its own heads and channels; the row-parallel products 3 and 5 are partial sums, all-reduced
 before the next kernel reads them, with the residual added on rank 0 only (so it is counted once), and the
 head's slice of the logits is all-gathered. Every shape is fixed and positions are a tensor, so the whole
 step is replayed from a CUDA graph (cuda_graphs=True). The step computes exactly what Transformer.forward

@@ -256,7 +256,7 @@ def load(source: str | os.PathLike | None = None, *, device: str = "cpu", seed: 
     head: "float", or "int8" for an int8 copy of the LM head from the fp32 weights (`quantize_head`).
     fused: one matmul for q/k/v and one for gate/up per layer (`Transformer.fuse_projections`).
     attention: "sdpa", "naive" or "triton"; kernels: "torch" or "triton" for RMSNorm (residual add
-    fused in), RoPE and SwiGLU, or "fused-decode" for the decode step as six hand-fused Triton kernels
+    fused in), RoPE and SwiGLU, or "fused-decode" for the decode step as five hand-fused Triton kernels
     per layer (llmlab.fused_decode; use it with cuda_graphs=True on a GPU), or "int8-dot" for int4/int8
     weights times int8-quantized activations in llmlab's C kernel (CPU; llmlab.quant.int8_dot). Without a GPU the Triton kernels run in Triton's CPU interpreter:
     correct, and very slow; for stepping through and testing, on tiny models.

@@ -42,7 +42,7 @@ SWITCHES = {
                                                "SDPA, or llmlab's Triton FlashAttention and decode kernels"),
     "kernels": (("torch", "triton", "fused-decode", "int8-dot"),
                 "RMSNorm (residual add fused), RoPE and SwiGLU: PyTorch ops or llmlab's Triton kernels; or "
-                "fused-decode: the decode step as six Triton kernels per layer, each matrix-vector product with "
+                "fused-decode: the decode step as five Triton kernels per layer, each matrix-vector product with "
                 "its neighbours fused in (norm, RoPE, cache write, SwiGLU, residual add), from float or int4 "
                 "weights, prefill on PyTorch ops; "
                 "or int8-dot (CPU, int4/int8 weights): the quantized matmuls of up to 16 tokens quantize their "

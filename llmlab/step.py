@@ -10,7 +10,7 @@ depends on the step, and nothing waits for the host:
                     elementwise ops into a few generated kernels (Triton on GPU, C++/OpenMP on CPU)
     CUDA graph      the launches of one call are recorded once (torch.cuda.CUDAGraph) and replayed with
                     one call from the host; the buffers are static, which is why the step writes in place
-    fused-decode    the model's part of the step as six hand-fused Triton kernels per layer
+    fused-decode    the model's part of the step as five hand-fused Triton kernels per layer
                     (llmlab.fused_decode), eager or replayed from a CUDA graph
     steps_per_graph k steps per compiled call or replay: the host wakes once every k tokens (it checks
                     for stop tokens then, and discards what followed a stop)
